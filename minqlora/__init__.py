@@ -1,0 +1,1 @@
+"""minqlora: QLoRA rebuilt from scratch."""

@@ -1,0 +1,43 @@
+"""Input checks shared by the quantizers: each error says what was wrong and what was expected."""
+import torch
+
+
+def check_float(x, where: str) -> None:
+    """A floating-point tensor with no NaN or Inf, or a TypeError / ValueError that says so."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point tensor (float32, bfloat16, float16, "
+                        f"float64), got {x.dtype}")
+    bad = (~torch.isfinite(x)).sum().item() if x.numel() else 0
+    if bad:
+        nan = torch.isnan(x).sum().item()
+        raise ValueError(f"{where}: input has {bad} non-finite value(s) ({nan} NaN, {bad - nan} "
+                         f"Inf) out of {x.numel()}; quantization needs finite numbers")
+
+
+def check_blocksize(blocksize, where: str) -> None:
+    """A power of two >= 2, as bitsandbytes' kernels need."""
+    if (not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2
+            or blocksize & (blocksize - 1)):
+        raise ValueError(f"{where}: blocksize must be a power of two >= 2, got {blocksize!r}")
+
+
+def check_bits(bits, where: str) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"{where}: bits must be an integer from 2 to 16, got {bits!r}")
+
+
+def check_code(code, where: str) -> None:
+    """A 1-D float codebook, strictly increasing, inside [-1, 1], at most 256 entries."""
+    if not isinstance(code, torch.Tensor) or code.dim() != 1 or not code.is_floating_point():
+        raise ValueError(f"{where}: code must be a 1-D floating-point tensor")
+    if not 2 <= code.numel() <= 256:
+        raise ValueError(f"{where}: code must have 2 to 256 entries (indices are uint8), "
+                         f"got {code.numel()}")
+    if not torch.isfinite(code).all() or code.min() < -1 or code.max() > 1:
+        raise ValueError(f"{where}: code values must lie in [-1, 1], got range "
+                         f"[{code.min().item():.4g}, {code.max().item():.4g}]")
+    if not (code[1:] > code[:-1]).all():
+        raise ValueError(f"{where}: code must be sorted in strictly increasing order "
+                         "(the nearest-code search uses midpoints between neighbours)")

@@ -1,0 +1,53 @@
+"""`python -m minqlora bench`: speed checks, one small module per lesson's hot path.
+
+Each section module has `run(quick: bool) -> None` that prints a table; ratios come from one
+run on this machine, so read them as "about", not as a contract. Optional references
+(bitsandbytes, torchao) are imported inside the sections, guarded, never by the library.
+"""
+import importlib
+import time
+
+SECTIONS = ("quant", "kernel", "lora", "paged")
+
+
+def best_time(fn, repeat: int = 3, warmup: int = 1) -> float:
+    """The best of `repeat` wall-clock runs of fn() in seconds, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def print_table(title: str, headers, rows) -> None:
+    """Print rows (lists of str) under headers as an aligned text table."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print(f"\n{title}\n" + line(headers) + "\n" + line("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+
+def optional(module: str):
+    """Import an optional reference (bitsandbytes, torchao) or return None if it is absent."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # absent, or present but broken on this machine
+        return None
+
+
+def main(sections=None, quick: bool = False) -> None:
+    for name in sections or SECTIONS:
+        try:
+            section = importlib.import_module(f"minqlora.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"minqlora.bench.{name}":
+                raise
+            print(f"\n[{name}] not built yet")
+            continue
+        section.run(quick=quick)

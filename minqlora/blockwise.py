@@ -1,0 +1,101 @@
+"""Blockwise quantization onto any codebook (lesson 02).
+
+Cut the flattened tensor into blocks of `blocksize` values, give each block its own absmax,
+and store every value as the index of the nearest entry of a sorted codebook `code` in [-1, 1]:
+
+    absmax[b] = max |x| over block b                       (float32, one per block)
+    s         = clamp(x * (1 / absmax[b]), -1, 1)          (multiply by the reciprocal)
+    q         = index of the code entry nearest to s       (uint8)
+    x_hat     = code[q] * absmax[b]                        (float32, cast once to the dtype)
+
+"Nearest" is decided by the midpoints between neighbouring codes: q is the number of
+midpoints strictly below s, so a value exactly on a midpoint goes to the lower index. This is
+bitsandbytes' rule, and why its bytes and ours agree.
+
+Worked example, code = [-1, 0, 1] (midpoints -0.5, 0.5), blocksize 2, x = [0.2, -0.8, 3, 1.5]:
+absmax = [0.8, 3], s = [0.25, -1, 1, 0.5], q = [1, 0, 2, 1], x_hat = [0, -0.8, 3, 0].
+
+An all-zero block stores absmax 0 and decodes to zeros (never NaN). The last block may be
+partial; it gets its own absmax. Which codebook to use is the business of nf4.py; packing two
+4-bit indices per byte too.
+"""
+import torch
+
+from ._checks import check_blocksize, check_code, check_float
+
+_TINY = torch.finfo(torch.float32).tiny  # the reciprocal of an all-zero block's absmax stays finite
+
+
+def blocks_of(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """View a flat tensor as (n_blocks, blocksize), zero-padding a partial last block.
+
+    Zero padding never changes a block's absmax. [1, 2, 3] with blocksize 2 -> [[1, 2], [3, 0]].
+    """
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, blocksize)
+
+
+def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (s, absmax): s = clamp(x * (1/absmax), -1, 1) as (n_blocks, blocksize) float32.
+
+    >>> s, a = scale_blocks(torch.tensor([0.2, -0.8, 3.0, 1.5]), 2)
+    >>> a.tolist(), s.tolist()
+    ([0.800000011920929, 3.0], [[0.25, -1.0], [1.0, 0.5]])
+    """
+    blocks = blocks_of(x.reshape(-1).float(), blocksize)               # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)                                    # (n_blocks,) float32
+    scaled = blocks * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)
+    return scaled.clamp_(-1.0, 1.0), absmax
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code entry; exactly on a midpoint -> the lower index. int64.
+
+    >>> nearest_code(torch.tensor([0.25, -1.0, 1.0, 0.5]), torch.tensor([-1.0, 0.0, 1.0])).tolist()
+    [1, 0, 2, 1]
+    """
+    code = code.to(scaled.device, torch.float32)
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints)  # counts midpoints strictly below each value
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` blockwise onto `code`. Returns (indices uint8 in x's shape, absmax float32).
+
+    >>> q, a = quantize_blockwise(torch.tensor([0.2, -0.8, 3.0, 1.5]), torch.tensor([-1., 0., 1.]), 2)
+    >>> q.tolist(), a.tolist()
+    ([1, 0, 2, 1], [0.800000011920929, 3.0])
+    """
+    check_float(x, "quantize_blockwise")
+    check_code(code, "quantize_blockwise")
+    check_blocksize(blocksize, "quantize_blockwise")
+    scaled, absmax = scale_blocks(x, blocksize)
+    q = nearest_code(scaled, code).reshape(-1)[: x.numel()]
+    return q.to(torch.uint8).reshape(x.shape), absmax
+
+
+def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         shape=None, dtype: torch.dtype = torch.float32, blocksize: int = 64
+                         ) -> torch.Tensor:
+    """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`.
+
+    >>> dequantize_blockwise(torch.tensor([1, 0, 2, 1], dtype=torch.uint8),
+    ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), blocksize=2).tolist()
+    [0.0, -0.800000011920929, 3.0, 0.0]
+    """
+    check_blocksize(blocksize, "dequantize_blockwise")
+    shape = indices.shape if shape is None else torch.Size(shape)
+    n = shape.numel()
+    if indices.numel() != n:
+        raise ValueError(f"dequantize_blockwise: {indices.numel()} indices cannot fill shape "
+                         f"{tuple(shape)} ({n} values)")
+    n_blocks = -(-n // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"dequantize_blockwise: expected {n_blocks} absmax values for {n} values "
+                         f"at blocksize {blocksize}, got {absmax.numel()}")
+    values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]
+    values = blocks_of(values, blocksize) * absmax.float().reshape(-1, 1)  # (n_blocks, blocksize)
+    return values.reshape(-1)[:n].to(dtype).reshape(shape)
