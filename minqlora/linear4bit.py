@@ -1,0 +1,167 @@
+"""Linear4bit: a frozen linear layer stored in NF4, computed in bf16 (lesson 07).
+
+Storage, all in buffers so state_dict() round-trips bit for bit and .to(device) moves them:
+
+    weight_packed  uint8   (out*in/2,)          two 4-bit code indices per byte
+    qabsmax        uint8   (n_blocks,)          } double_quant=True (the default):
+    absmax2        float32 (n_blocks/256,)      } absmax ~= DYNAMIC[qabsmax] * absmax2 + offset
+    offset         float32 ()                   }
+    absmax         float32 (n_blocks,)            double_quant=False instead
+    code           float32 (16,)                the codebook (NF4, FP4 or INT4)
+
+Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
+
+    forward:   W = dequantize_4bit(bytes, state) in compute_dtype     (out, in), freed after
+               y = x @ W.T + bias
+    backward:  W = dequantize_4bit(bytes, state) again
+               dx = dy @ W                dbias = dy summed over tokens (if bias trains)
+               no dW: the base weight is frozen; only LoRA's adapters learn
+
+Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 KiB absmax2
++ 4 B offset: 4.127 bits per parameter instead of bf16's 16, and its 32 MiB bf16 copy lives
+only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_dtype and
+returns x's dtype, so the layer drops into a float32 or a bf16 model.
+
+Left to other modules: the storage format (double_quant.py), the dequantize backends, torch
+or CUDA kernel (cuda.py; "auto" picks torch on CPU), the adapters (lora.py) and whole-model
+conversion (qlora.py).
+"""
+import torch
+from torch import nn
+
+from .cuda import dequantize_4bit
+from .double_quant import DYNAMIC, QuantState, quantize_4bit
+from .lora import check_input
+
+_FLOAT_BUFFERS = ("code", "absmax", "absmax2", "offset")   # float32 always, whatever .half() says
+
+
+def make_state(layout: tuple, code, absmax, absmax2=None, offset=None) -> QuantState:
+    """QuantState from a layer's layout (shape, blocksize, quant_type, dtype) and buffers."""
+    shape, blocksize, quant_type, dtype = layout
+    state = QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type)
+    if absmax2 is not None:                                     # nested: absmax holds qabsmax
+        state.offset = offset
+        state.state2 = QuantState(absmax2, DYNAMIC.to(absmax2.device), 256, absmax.shape,
+                                  torch.float32, "dynamic")
+    return state
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x @ dequantize(bytes, state).T + bias; saves only the bytes and the state's tensors."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layout, packed, *constants):
+        ctx.layout = layout
+        ctx.save_for_backward(packed, *constants)               # no full-precision W here
+        weight = dequantize_4bit(packed, make_state(layout, *constants), dtype=x.dtype)
+        return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):                                # grad_out: (..., out)
+        packed, *constants = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_4bit(packed, make_state(ctx.layout, *constants), dtype=grad_out.dtype)
+            grad_x = grad_out @ weight                          # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
+        return grad_x, grad_bias, None, None, *[None] * len(constants)
+
+
+class Linear4bit(nn.Module):
+    """nn.Linear's drop-in with a frozen 4-bit weight (NF4 + double quantization by default).
+
+    >>> _ = torch.manual_seed(0)
+    >>> layer = Linear4bit.from_linear(nn.Linear(128, 64))
+    >>> sorted(layer.state_dict()), layer.weight_packed.shape
+    (['absmax2', 'bias', 'code', 'offset', 'qabsmax', 'weight_packed'], torch.Size([4096]))
+    >>> layer(torch.randn(2, 128)).dtype            # computed in bf16, returned as the input
+    torch.float32
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None,
+                 _weight=None):
+        super().__init__()
+        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+            raise TypeError(f"Linear4bit: compute_dtype must be a floating-point torch.dtype, "
+                            f"got {compute_dtype!r}")
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"Linear4bit: {name} must be an integer >= 1, got {n!r}")
+        init = None if _weight is not None else nn.Linear(in_features, out_features, bias,
+                                                          device=device, dtype=dtype)
+        weight = (_weight if init is None else init.weight).detach()   # (out, in)
+        if weight.shape != (out_features, in_features):
+            raise ValueError(f"Linear4bit: weight must have shape ({out_features}, "
+                             f"{in_features}), got {tuple(weight.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
+        self.compute_dtype, self.weight_dtype = compute_dtype, weight.dtype
+        packed, state = quantize_4bit(weight, blocksize, quant_type, double_quant)
+        self.register_buffer("weight_packed", packed)             # uint8 buffers first, then
+        if double_quant:                                           # floats (see _apply)
+            self.register_buffer("qabsmax", state.absmax)
+            self.register_buffer("code", state.code.to(packed.device))
+            self.register_buffer("absmax2", state.state2.absmax)
+            self.register_buffer("offset", state.offset.to(packed.device))
+        else:
+            self.register_buffer("code", state.code.to(packed.device))
+            self.register_buffer("absmax", state.absmax)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(init.bias.detach() if init is not None else
+                                     torch.zeros(out_features, device=weight.device, dtype=weight.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
+        """Quantize an nn.Linear's weight (kwargs: blocksize, double_quant, quant_type,
+        compute_dtype); the bias is copied as it is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear4bit.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    _weight=linear.weight, **kwargs)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    @property
+    def layout(self) -> tuple:
+        return ((self.out_features, self.in_features), self.blocksize, self.quant_type, self.weight_dtype)
+
+    def constants(self) -> tuple:
+        """The state's buffers in make_state's order: code, absmax | qabsmax[, absmax2, offset]."""
+        if self.double_quant:
+            return self.code, self.qabsmax, self.absmax2, self.offset
+        return self.code, self.absmax
+
+    @property
+    def quant_state(self) -> QuantState:
+        return make_state(self.layout, *self.constants())
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.weight_packed, self.quant_state, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features, "Linear4bit")
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = Linear4bitFunction.apply(x.to(self.compute_dtype), bias, self.layout,
+                                       self.weight_packed, *self.constants())
+        return out.to(x.dtype)                                  # (..., out) in x's dtype
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() must not round the float32 constants: move them with the bytes."""
+        floats = {k: self._buffers.pop(k) for k in _FLOAT_BUFFERS if k in self._buffers}
+        super()._apply(fn, recurse)
+        for name, t in floats.items():
+            self._buffers[name] = t.to(self.weight_packed.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize="
+                f"{self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")

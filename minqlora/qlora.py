@@ -1,0 +1,151 @@
+"""Whole-model QLoRA: convert, count, merge back (lesson 07).
+
+    prepare_qlora:  every targeted nn.Linear  ->  LoRALinear(Linear4bit.from_linear(linear))
+                    everything else frozen; only lora_A / lora_B train
+    trainable_summary:  parameters (trainable / total) and bytes by kind of storage:
+                    4-bit weights with their constants | adapters | everything else
+    merge_qlora:    every LoRALinear -> nn.Linear(W + scaling * B @ A), W dequantized
+
+As QLoRA does, all linear layers get adapters by default (the paper finds that adapting only
+the attention projections loses quality); the output head stays in 16/32 bits (exclude).
+
+Worked example: one 4096x4096 linear at r=64 becomes 8,388,608 bytes of NF4, 266,244 bytes
+of constants and a 64-byte codebook (4.127 bits per weight), plus 64 * (4096 + 4096) =
+524,288 trainable adapter parameters (3.1% of the weights), 2 MiB in float32.
+
+Left to other modules: the layers themselves (lora.py, linear4bit.py) and the optimizer.
+Not done here (as PEFT's prepare_model_for_kbit_training would): gradient checkpointing and
+upcasting layer norms; this function only swaps layers and freezes.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .linear4bit import Linear4bit
+from .lora import LoRALinear
+
+
+def _matches(name: str, patterns) -> bool:
+    """PEFT's rule for a list of names: the full name, or its last dotted part(s).
+
+    >>> _matches("blocks.0.attn.q", ["q"]), _matches("blocks.0.attn.q", ["attn.q"]), _matches("lm_head", ["head"])
+    (True, True, False)
+    """
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
+                  target_modules=None, exclude=("lm_head",), **linear4bit_kwargs) -> nn.Module:
+    """Freeze `model` and swap each targeted nn.Linear for LoRA over a 4-bit copy, in place.
+
+    target_modules: None (every nn.Linear) or names matched as PEFT does (["q", "v"]).
+    linear4bit_kwargs go to Linear4bit.from_linear (blocksize, quant_type, compute_dtype ...).
+
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    >>> model = prepare_qlora(model, r=4, exclude=("2",))
+    >>> [type(m).__name__ for m in model], trainable_summary(model).trainable
+    (['LoRALinear', 'ReLU', 'Linear'], 512)
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not _matches(name, exclude)
+               and (target_modules is None or _matches(name, target_modules))
+               and not any(a == "" or name.startswith(a + ".") for a in adapted)]
+    if not targets:
+        raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
+                         f"(exclude={exclude!r}, layers already adapted are skipped); the model's "
+                         f"linears are {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)]}")
+    model.requires_grad_(False)
+    for name, linear in targets:
+        layer = LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha, dropout)
+        model = _replace(model, name, layer)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` where submodule `name` was; the model itself when name is "" (returns it)."""
+    if not name:
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+@dataclass
+class QLoRASummary:
+    """Parameter counts (a 4-bit weight counts as its out*in parameters) and bytes by storage."""
+    trainable: int
+    total: int
+    bytes_4bit: int        # packed weights + absmax constants + codebooks
+    bytes_adapters: int    # lora_A / lora_B
+    bytes_other: int       # every other parameter and buffer (embeddings, norms, biases, head)
+    params_4bit: int
+
+    @property
+    def bits_per_4bit_param(self) -> float:
+        return 8 * self.bytes_4bit / self.params_4bit if self.params_4bit else 0.0
+
+    def __str__(self) -> str:
+        total_bytes = self.bytes_4bit + self.bytes_adapters + self.bytes_other
+        rows = [("4-bit weights + constants", self.bytes_4bit), ("adapters (lora_A, lora_B)",
+                self.bytes_adapters), ("everything else", self.bytes_other), ("total", total_bytes)]
+        lines = [f"trainable params: {self.trainable:,} of {self.total:,} "
+                 f"({100 * self.trainable / max(self.total, 1):.2f}%)"]
+        lines += [f"{kind:<27}{nbytes:>14,} bytes" for kind, nbytes in rows]
+        if self.params_4bit:
+            lines.append(f"4-bit storage: {self.bits_per_4bit_param:.3f} bits per 4-bit parameter")
+        return "\n".join(lines)
+
+
+def trainable_summary(model: nn.Module) -> QLoRASummary:
+    """Count parameters and bytes of a (QLoRA) model.
+
+    >>> print(trainable_summary(nn.Linear(10, 10)))
+    trainable params: 110 of 110 (100.00%)
+    4-bit weights + constants               0 bytes
+    adapters (lora_A, lora_B)               0 bytes
+    everything else                       440 bytes
+    total                                 440 bytes
+    """
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+    quantized = {id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers()}
+    params_4bit = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    params = list(model.parameters())
+    tensors = params + list(model.buffers())
+    special = quantized | adapters
+    return QLoRASummary(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params) + params_4bit,
+        bytes_4bit=sum(nbytes(t) for t in tensors if id(t) in quantized),
+        bytes_adapters=sum(nbytes(t) for t in tensors if id(t) in adapters),
+        bytes_other=sum(nbytes(t) for t in tensors if id(t) not in special),
+        params_4bit=params_4bit)
+
+
+def merge_qlora(model: nn.Module) -> nn.Module:
+    """Replace, in place, every LoRALinear by its merge() and every bare Linear4bit by a
+    dequantized nn.Linear; returns the model, now made of plain nn.Linear layers for export
+    (copy.deepcopy it first to keep training)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, Linear4bit))]
+    done = []
+    for name, module in layers:
+        if any(d == "" or name.startswith(d + ".") for d in done):
+            continue                                   # a Linear4bit inside a merged LoRALinear
+        if isinstance(module, LoRALinear):
+            new = module.merge()
+        else:
+            new = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                            device=module.weight_packed.device, dtype=module.weight_dtype)
+            with torch.no_grad():
+                new.weight.copy_(module.dequantize())
+                if module.bias is not None:
+                    new.bias.copy_(module.bias)
+            new.requires_grad_(False)
+        model = _replace(model, name, new)
+        done.append(name)
+    return model
