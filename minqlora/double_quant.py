@@ -132,8 +132,9 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     n = x.numel()
     scaled, absmax = scale_blocks(x, blocksize)            # (n_blocks, blocksize), (n_blocks,)
     scaled = scaled.reshape(-1)[: n + n % 2]                # odd n: keep one zero pad value
-    order = torch.argsort(code, stable=True)                # FP4's table is in bit order
-    indices = order[nearest_code(scaled, code[order])]
+    indices = nearest_code(scaled, code.sort().values)      # index into the sorted code
+    if not bool((code[1:] > code[:-1]).all()):              # FP4's table is in bit order:
+        indices = torch.argsort(code, stable=True)[indices]  # sorted position -> its bits
     state = QuantState(absmax, code, blocksize, x.shape, x.dtype, quant_type)
     if double_quant:
         qabsmax, absmax2, offset = double_quantize(absmax)

@@ -1,0 +1,41 @@
+"""Bench: quantize_4bit / dequantize_4bit (NF4 + double quantization) on a 4096 x 4096 bf16
+weight, beside torchao's NF4Tensor (pure PyTorch) and bitsandbytes' CPU path when installed.
+Goal: faster than torchao on both. Ratios are reference time / minqlora time (>1: we are faster).
+"""
+import torch
+
+from ..double_quant import dequantize_4bit, quantize_4bit
+from . import best_time, optional, print_table
+
+
+def references(weight):
+    """(name, quantize fn, dequantize fn) for each installed reference."""
+    refs = []
+    nf4_tensor = optional("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    if nf4_tensor is not None:
+        nf4 = nf4_tensor.to_nf4(weight, block_size=64, scaler_block_size=256)
+        refs.append(("torchao NF4Tensor", lambda: nf4_tensor.to_nf4(weight, 64, 256),
+                     nf4.get_original_weight))
+    bnb = optional("bitsandbytes.functional")
+    if bnb is not None:
+        packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        refs.append(("bitsandbytes (CPU)",
+                     lambda: bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
+                     lambda: bnb.dequantize_4bit(packed, state)))
+    return refs
+
+
+def run(quick: bool = False) -> None:
+    size = 1024 if quick else 4096
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    packed, state = quantize_4bit(weight)
+    ours_q = best_time(lambda: quantize_4bit(weight))
+    ours_d = best_time(lambda: dequantize_4bit(packed, state))
+    rows = [["minqlora", f"{ours_q * 1e3:.1f}", "1.00", f"{ours_d * 1e3:.1f}", "1.00"]]
+    for name, quantize, dequantize in references(weight):
+        q, d = best_time(quantize), best_time(dequantize)
+        rows.append([name, f"{q * 1e3:.1f}", f"{q / ours_q:.2f}", f"{d * 1e3:.1f}", f"{d / ours_d:.2f}"])
+    if len(rows) == 1:
+        rows.append(["(torchao, bitsandbytes not installed)", "-", "-", "-", "-"])
+    print_table(f"[quant] NF4 + double quant, {size}x{size} bf16, threads={torch.get_num_threads()}",
+                ["implementation", "quantize ms", "ratio", "dequantize ms", "ratio"], rows)

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from minqlora import INT4, NF4, dequantize_blockwise, dynamic_code, quantize_blockwise
+
+TERNARY = torch.tensor([-1.0, 0.0, 1.0])  # midpoints -0.5 and 0.5
+
+
+def test_golden_vector():
+    """blocksize 2: [0.2, -0.8] has absmax 0.8 -> s = [0.25, -1] -> q = [1, 0];
+    [3, 1.5] has absmax 3 -> s = [1, 0.5] -> 0.5 sits on a midpoint -> lower index 1."""
+    q, absmax = quantize_blockwise(torch.tensor([0.2, -0.8, 3.0, 1.5]), TERNARY, blocksize=2)
+    assert q.tolist() == [1, 0, 2, 1] and q.dtype == torch.uint8
+    assert absmax.tolist() == pytest.approx([0.8, 3.0]) and absmax.dtype == torch.float32
+    x_hat = dequantize_blockwise(q, absmax, TERNARY, blocksize=2)
+    assert x_hat.tolist() == pytest.approx([0.0, -0.8, 3.0, 0.0])
+
+
+def test_tie_goes_to_lower_index_just_above_goes_up():
+    x = torch.tensor([1.0, 0.5, -0.5, 0.5000001])
+    q, _ = quantize_blockwise(x, TERNARY, blocksize=4)
+    assert q.tolist() == [2, 1, 0, 2]
+
+
+def test_partial_last_block_gets_its_own_absmax_and_zero_block_decodes_to_zero():
+    x = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 0.5])   # blocks [0 0 0 0] [2 -1 0.5]
+    q, absmax = quantize_blockwise(x, INT4, blocksize=4)
+    assert absmax.tolist() == [0.0, 2.0]
+    x_hat = dequantize_blockwise(q, absmax, INT4, blocksize=4)
+    assert torch.isfinite(x_hat).all() and x_hat[:4].tolist() == [0.0] * 4
+    assert x_hat[4:].tolist() == pytest.approx([2.0, -1 / 7 * 2 * 4, 2 / 7 * 2], abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), (2, 3, 4, 5)])
+def test_any_rank_and_empty_round_trip_in_shape(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    q, absmax = quantize_blockwise(x, NF4, blocksize=4)
+    assert q.shape == x.shape and absmax.numel() == -(-x.numel() // 4)
+    x_hat = dequantize_blockwise(q, absmax, NF4, blocksize=4)
+    assert x_hat.shape == x.shape
+
+
+def test_non_contiguous_input_matches_its_contiguous_copy():
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2)).t()
+    assert not x.is_contiguous()
+    q1, a1 = quantize_blockwise(x, NF4, 16)
+    q2, a2 = quantize_blockwise(x.contiguous(), NF4, 16)
+    assert torch.equal(q1, q2) and torch.equal(a1, a2)
+
+
+def test_bad_input_is_refused_with_a_reason():
+    x = torch.ones(8)
+    with pytest.raises(ValueError, match="power of two >= 2, got 48"):
+        quantize_blockwise(x, NF4, blocksize=48)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        quantize_blockwise(x, NF4.flip(0))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        quantize_blockwise(x, NF4 * 2)
+    with pytest.raises(TypeError, match="torch.bool"):
+        quantize_blockwise(torch.ones(8, dtype=torch.bool), NF4)
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\) \(0 NaN, 2 Inf\)"):
+        quantize_blockwise(torch.tensor([1.0, float("inf"), -float("inf")]), NF4)
+    with pytest.raises(ValueError, match="expected 2 absmax"):
+        dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(3), NF4, blocksize=4)
+
+
+def half_widest_gap(code):
+    return ((code[1:] - code[:-1]).max() / 2).item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays("float32", st.integers(1, 300), elements=st.floats(-1e3, 1e3, width=32)),
+       st.sampled_from([2, 8, 64]), st.sampled_from(["nf4", "int4", "dynamic"]))
+def test_round_trip_within_half_the_widest_gap_times_absmax(values, blocksize, name):
+    code = {"nf4": NF4, "int4": INT4, "dynamic": dynamic_code()}[name]
+    x = torch.from_numpy(values)
+    q, absmax = quantize_blockwise(x, code, blocksize)
+    err = (dequantize_blockwise(q, absmax, code, blocksize=blocksize) - x).abs()
+    bound = half_widest_gap(code) * absmax.repeat_interleave(blocksize)[: x.numel()]
+    assert (err <= bound * (1 + 1e-5) + 1e-30).all()
+
+
+def test_dequantize_matches_bitsandbytes_on_our_bytes(bnb_functional):
+    """bitsandbytes' dequantize_blockwise reads our indices and absmax the same way."""
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    code = dynamic_code()
+    q, absmax = quantize_blockwise(x, code, blocksize=256)
+    state = bnb_functional.QuantState(absmax=absmax, code=code, blocksize=256, dtype=torch.float32)
+    ref = bnb_functional.dequantize_blockwise(q, state)
+    assert torch.equal(dequantize_blockwise(q, absmax, code, blocksize=256), ref)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minqlora import FP4, INT4, NF4, nf4_code, pack_4bit, unpack_4bit
+
+# bitsandbytes' published NF4 table (functional.get_4bit_type("nf4")): minqlora must BUILD it.
+NF4_REFERENCE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def test_nf4_is_built_bit_for_bit():
+    assert NF4.dtype == torch.float32
+    assert NF4.tolist() == NF4_REFERENCE
+    assert torch.equal(nf4_code(), NF4)
+
+
+def test_nf4_shape_of_the_construction():
+    """8 positive values, 7 negative, an exact zero, ends at -1 and 1, asymmetric."""
+    assert (NF4 > 0).sum() == 8 and (NF4 < 0).sum() == 7 and (NF4 == 0).sum() == 1
+    assert NF4[0] == -1 and NF4[-1] == 1 and NF4[1] != -NF4[-2]
+
+
+def test_offset_is_the_mean_of_the_two_half_bin_choices():
+    assert (1 - 1 / 30 + 1 - 1 / 32) / 2 == pytest.approx(0.9677083, abs=1e-7)
+
+
+def test_a_different_offset_gives_a_different_code():
+    other = nf4_code(0.99)
+    assert other[0] == -1 and other[-1] == 1 and not torch.equal(other, NF4)
+
+
+def test_fp4_and_int4_tables():
+    """FP4: sign bit + [0, 0.0625, 8, 12, 4, 6, 2, 3]/12 in bit order. INT4: -7..7 over 7."""
+    assert FP4[:8].tolist() == pytest.approx([0, 0.0625 / 12, 2 / 3, 1, 1 / 3, 0.5, 1 / 6, 0.25])
+    assert torch.equal(FP4[8:], -FP4[:8])
+    assert INT4.numel() == 15 and INT4[7] == 0 and INT4[0] == -1 and INT4[-1] == 1
+
+
+def test_tables_match_bitsandbytes(bnb_functional):
+    assert torch.equal(NF4, bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(FP4, bnb_functional.get_4bit_type("fp4", device="cpu"))
+
+
+def test_pack_golden_high_nibble_first():
+    """[1, 2, 15] -> 0x12, then 15 in the high nibble with a zero pad: 0xF0."""
+    assert pack_4bit(torch.tensor([1, 2, 15])).tolist() == [0x12, 0xF0]
+    assert unpack_4bit(torch.tensor([0x12, 0xF0], dtype=torch.uint8), 3).tolist() == [1, 2, 15]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 15), max_size=101))
+def test_pack_unpack_round_trip(indices):
+    packed = pack_4bit(torch.tensor(indices, dtype=torch.uint8))
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(indices) + 1) // 2
+    assert unpack_4bit(packed, len(indices)).tolist() == indices
+
+
+def test_pack_and_unpack_refuse_bad_input():
+    with pytest.raises(ValueError, match="0..15"):
+        pack_4bit(torch.tensor([16]))
+    with pytest.raises(TypeError, match="uint8"):
+        unpack_4bit(torch.tensor([1, 2]), 2)
+    with pytest.raises(ValueError, match="at most 4"):
+        unpack_4bit(torch.zeros(2, dtype=torch.uint8), 5)
