@@ -1,16 +1,205 @@
-"""Dispatch for dequantize_4bit backends (being built by the CUDA-kernel issue: torch only so far)."""
+"""The CUDA dequantization kernel, launched with CuPy or emulated on the CPU (lesson 05).
+
+kernels/dequant_nf4.cu decodes the 4-bit format of lesson 04 in one pass, one thread per
+BYTES_PER_THREAD packed bytes:
+
+    absmax[b] = dynamic_code[qabsmax[b]] * absmax2[b // 256] + offset     (nested state)
+    out[i]    = code[nibble i] * absmax[i // blocksize], in float32, cast once to dtype
+
+Three backends give bit-identical results:
+  "torch"   the vectorised reference, minqlora.double_quant.dequantize_4bit;
+  "cuda"    the kernel on the GPU through cupy.RawModule (CUDA tensors; `pip install -e ".[gpu]"`);
+  "emulate" the same .cu compiled for the CPU with the system C++ compiler through
+            kernels/cuda_shim.h, every (block, thread) run in loops, loaded with ctypes.
+"auto" is "cuda" for CUDA tensors when CuPy imports, else "torch".
+
+Worked example: a 4096x4096 weight is 8,388,608 bytes; at 16 bytes (32 weights) per thread
+and 256 threads per block the grid has 4096 * 4096 / 8192 = 2048 blocks.
+
+Not run on a GPU yet: the "cuda" path was written and compiled to PTX (sm_80, sm_90) on a
+machine without a GPU; tests/gpu_check.sh runs its tests and bench where one is present.
+The emulation builds into ~/.cache/minqlora (or $MINQLORA_CACHE), keyed by the sources' hash.
+"""
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import torch
 
 from .double_quant import QuantState
 from .double_quant import dequantize_4bit as dequantize_4bit_torch
 
 BACKENDS = ("auto", "torch", "cuda", "emulate")
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"    # editable install / checkout
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC",
+            "-shared", "-pthread"]
+
+
+class EmulationUnavailable(RuntimeError):
+    """No C++ compiler to build the CPU emulation of the kernel."""
+
+
+def kernel_source(name: str = "dequant_nf4.cu") -> str:
+    """The text of a file in kernels/ (shipped as the package minqlora.kernels)."""
+    path = KERNELS / name
+    if not path.exists():
+        from importlib.resources import files
+        path = files("minqlora.kernels") / name
+    return path.read_text()
+
+
+def geometry(source: str) -> tuple[int, int]:
+    """(THREADS_PER_BLOCK, BYTES_PER_THREAD) as #defined in the kernel source.
+
+    >>> geometry(kernel_source())
+    (256, 16)
+    """
+    get = lambda name: int(re.search(rf"#define {name} (\d+)", source).group(1))  # noqa: E731
+    return get("THREADS_PER_BLOCK"), get("BYTES_PER_THREAD")
+
+
+def build_emulation(source: str = None) -> ctypes.CDLL:
+    """Compile kernels/emulate.cpp + cuda_shim.h + `source` (default: dequant_nf4.cu) for the
+    CPU, once per distinct source text, and load it. EmulationUnavailable without a compiler."""
+    source = kernel_source() if source is None else source
+    files = {"dequant_nf4.cu": source, "cuda_shim.h": kernel_source("cuda_shim.h"),
+             "emulate.cpp": kernel_source("emulate.cpp")}
+    cxx = next(filter(None, map(shutil.which, [os.environ.get("CXX", ""), "c++", "g++", "clang++"])), None)
+    if cxx is None:
+        raise EmulationUnavailable("dequantize_4bit(backend='emulate'): no C++ compiler found "
+                                   "(looked for $CXX, c++, g++, clang++); install one, e.g. "
+                                   "`apt install g++`, or use backend='torch'")
+    key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, cxx)).encode()).hexdigest()[:16]
+    if key not in _BUILT:
+        cache = Path(os.environ.get("MINQLORA_CACHE", Path.home() / ".cache" / "minqlora"))
+        lib = cache / f"dequant_emulate_{key}.so"
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                for name, text in files.items():
+                    Path(tmp, name).write_text(text)
+                done = subprocess.run([cxx, *CXXFLAGS, "-o", "lib.so", "emulate.cpp"], cwd=tmp,
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"building the kernel emulation failed:\n{done.stderr}")
+                os.replace(Path(tmp, "lib.so"), lib)       # atomic: parallel builders are safe
+        _BUILT[key] = ctypes.CDLL(str(lib))
+    return _BUILT[key]
+
+
+_BUILT = {}
+
+
+def _check_state(state, n, device):
+    """The kernel trusts the state's sizes: check them here, a wrong one would read past the end."""
+    bs = state.blocksize
+    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+        raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2, got {bs!r}")
+    if state.code.numel() > 16:
+        raise ValueError(f"dequantize_4bit: a 4-bit code has at most 16 values, got {state.code.numel()}")
+    n_blocks, want = -(-n // bs), torch.uint8 if state.nested else None
+    if state.absmax.numel() != n_blocks or (want and state.absmax.dtype != want):
+        raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if want else ''}absmax "
+                         f"values for {n} weights at blocksize {bs}, got {state.absmax.numel()}")
+    if state.nested and (state.state2.absmax.numel() != -(-n_blocks // state.state2.blocksize)
+                         or state.state2.code.numel() != 256 or state.offset.numel() != 1):
+        raise ValueError("dequantize_4bit: nested state needs 256 dynamic-code values, one offset and "
+                         f"one absmax2 per {state.state2.blocksize} absmaxes")
+    tensors = [state.absmax, state.code] + ([state.offset, state.state2.absmax] if state.nested else [])
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"dequantize_4bit: the state must be on {device} like packed (state.to({str(device)!r}))")
+
+
+def _arguments(packed, state, out):
+    """The kernel's argument list after the launch geometry: pointers into contiguous tensors."""
+    n = state.shape.numel()
+    _check_state(state, n, packed.device)
+    code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32), (0, 16 - state.code.numel()))
+    keep = [packed.contiguous(), code.contiguous()]             # (n_bytes,) uint8, (16,) float32
+    if state.nested:                                            # qabsmax, dynamic code, absmax2, offset
+        keep += [None, state.absmax.contiguous(), state.state2.code.float().contiguous(),
+                 state.state2.absmax.float().contiguous(), state.offset.float().reshape(1)]
+        log2_bs2 = state.state2.blocksize.bit_length() - 1
+    else:
+        keep += [state.absmax.float().contiguous(), None, None, None, None]
+        log2_bs2 = 0
+    if keep[0].data_ptr() % 16:                                 # the kernel loads 16 bytes at once
+        keep[0] = keep[0].clone()
+    return keep + [out, n, state.blocksize.bit_length() - 1, log2_bs2]
+
+
+def _launch_emulation(packed, state, out, suffix, source=None, n_workers=None):
+    lib, (threads, per_thread) = build_emulation(source), geometry(source or kernel_source())
+    args = _arguments(packed, state, out)
+    grid = -(-args[-3] // (threads * 2 * per_thread))
+    ptrs = [ctypes.c_void_p(t.data_ptr() if t is not None else None) for t in args[:-3]]
+    fn = getattr(lib, f"launch_dequant_4bit_{suffix}{'_nested' if state.nested else ''}")
+    fn(ctypes.c_longlong(grid), ctypes.c_int(threads), ctypes.c_int(n_workers or torch.get_num_threads()),
+       *ptrs, ctypes.c_longlong(args[-3]), ctypes.c_int(args[-2]), ctypes.c_int(args[-1]))
+
+
+def _launch_cuda(packed, state, out, suffix):
+    """The kernel on packed's GPU, on torch's current stream, tensors passed without copies."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError("dequantize_4bit(backend='cuda') needs CuPy: `pip install -e \".[gpu]\"` "
+                           f"(cupy-cuda12x) ({e})") from None
+    source, (threads, per_thread) = kernel_source(), geometry(kernel_source())
+    module = _MODULES.get(source) or _MODULES.setdefault(source, cupy.RawModule(code=source, options=("--std=c++14",)))
+    args = _arguments(packed, state, out)
+    grid = -(-args[-3] // (threads * 2 * per_thread))
+    ints = [cupy.int64(args[-3]), cupy.int32(args[-2]), cupy.int32(args[-1])]
+    null = cupy.empty(0, cupy.uint8)                            # for the pointers a variant ignores
+    arrays = [null if t is None else cupy.from_dlpack(t) for t in args[:-3]]
+    with cupy.cuda.Device(packed.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(packed.device).cuda_stream):
+        module.get_function(f"dequant_4bit_{suffix}{'_nested' if state.nested else ''}")(
+            (grid,), (threads,), (*arrays, *ints))
+
+
+_MODULES = {}
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend: str = "auto"):
-    """dequantize_4bit with a choice of backend; "auto" is the torch path on CPU tensors."""
+    """packed bytes + state -> the weight in state.shape, through the chosen backend.
+
+    >>> from minqlora import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.tensor([0.5, -1.0, 0.0]), double_quant=False)
+    >>> dequantize_4bit(packed, state, backend="torch").tolist()
+    [0.4407220184803009, -1.0, 0.0]
+    """
     if backend not in BACKENDS:
         raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend in ("auto", "torch"):
+    if backend == "auto":
+        backend = "cuda" if packed.is_cuda and _cupy_importable() else "torch"
+    if backend == "torch":
         return dequantize_4bit_torch(packed, state, dtype)
-    raise NotImplementedError(f"backend {backend!r} is not built yet")
+    dtype = dtype or state.dtype
+    n = state.shape.numel()
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
+                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
+    if backend == "cuda" and not packed.is_cuda:
+        raise ValueError("dequantize_4bit(backend='cuda'): packed is on the CPU; move it and the "
+                         "state to a GPU (.cuda(), state.to('cuda')) or use backend='emulate'")
+    if backend == "emulate" and packed.device.type != "cpu":
+        raise ValueError(f"dequantize_4bit(backend='emulate'): needs CPU tensors, got {packed.device}")
+    kernel_dtype = dtype if dtype in SUFFIX else torch.float32  # float64: exact cast of float32
+    out = torch.empty(n, dtype=kernel_dtype, device=packed.device)  # (n,)
+    bits = out if kernel_dtype == torch.float32 else out.view(torch.int16)  # CuPy has no bf16
+    (_launch_cuda if backend == "cuda" else _launch_emulation)(packed, state, bits, SUFFIX[kernel_dtype])
+    return out.to(dtype).reshape(state.shape)
+
+
+def _cupy_importable() -> bool:
+    try:
+        import cupy  # noqa: F401
+        return True
+    except ImportError:
+        return False
