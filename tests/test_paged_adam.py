@@ -1,0 +1,300 @@
+"""PagedAdamW and its Pager: bit-identity with torch.optim.AdamW(foreach=False), paged or not,
+through checkpoints and LR schedulers; the pager's LRU eviction, budget and counters."""
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from minqlora.paged_adam import OutOfBudget, PagedAdamW, Pager
+
+HYPER = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+
+
+def small_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(9, 31), torch.nn.Tanh(),
+                               torch.nn.Linear(31, 4)).to(dtype)
+
+
+def train_step(model, opt, step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(16, 9, generator=g).to(dtype), torch.randn(16, 4, generator=g).to(dtype)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+    opt.step()
+
+
+def assert_same(ref, model, step):
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), f"step {step}: {name} differs by {(a - b).abs().max().item()}"
+
+
+@pytest.mark.parametrize("is_paged", [False, True])
+def test_bit_identical_to_torch_adamw_without_paging(is_paged):
+    ref, model = small_model(), small_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    opt = PagedAdamW(model.parameters(), is_paged=is_paged, **HYPER)
+    for step in range(60):
+        train_step(ref, ref_opt, step)
+        train_step(model, opt, step)
+        assert_same(ref, model, step)
+    if is_paged:
+        n = 9 * 31 + 31 + 31 * 4 + 4                 # 438 trainable parameters
+        assert opt.pager.page_outs == 0 and opt.pager.resident_bytes == 8 * n  # m, v in fp32
+
+
+def test_bit_identical_with_paging_forced_every_step():
+    """Budget of 2 pages of 64 bytes (16 floats): each weight's state (279 and 124 floats per
+    tensor) is far bigger, so every step pages in and out; a spike then evicts everything."""
+    ref, model = small_model(), small_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    pager = Pager(128, page_bytes=64, device="cpu")
+    opt = PagedAdamW(model.parameters(), pager=pager, **HYPER)
+    for step in range(55):
+        train_step(ref, ref_opt, step)
+        before = pager.page_ins
+        train_step(model, opt, step)
+        assert pager.page_ins - before >= 2 * (279 // 16), "the step should page its state in"
+        pager.reserve(128)                   # the spike: nothing of the state stays resident
+        assert pager.resident_bytes == 0
+        pager.release(128)
+        assert_same(ref, model, step)
+    assert pager.peak_bytes <= 128
+
+
+def test_bit_identical_with_lr_scheduler_and_param_groups():
+    ref, model = small_model(), small_model()
+    groups = lambda m: [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 3e-2}]  # noqa: E731
+    ref_opt = torch.optim.AdamW(groups(ref), foreach=False, **HYPER)
+    opt = PagedAdamW(groups(model), pager=Pager(200, page_bytes=40, device="cpu"), **HYPER)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[2e-2, 5e-2], total_steps=50)
+              for o in (ref_opt, opt)]
+    for step in range(50):
+        for m, o, s in zip((ref, model), (ref_opt, opt), scheds):
+            train_step(m, o, step)
+            s.step()
+        assert_same(ref, model, step)
+    assert opt.param_groups[1]["lr"] == ref_opt.param_groups[1]["lr"] != 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_bit_identical_in_other_dtypes(dtype):
+    ref, model = small_model(dtype=dtype), small_model(dtype=dtype)
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    opt = PagedAdamW(model.parameters(), pager=Pager(256, page_bytes=64, device="cpu"), **HYPER)
+    for step in range(20):
+        train_step(ref, ref_opt, step, dtype)
+        train_step(model, opt, step, dtype)
+        assert_same(ref, model, step)
+
+
+def test_non_contiguous_parameter():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(7, 5).t())        # (5, 7), not contiguous
+    b = torch.nn.Parameter(a.detach().clone().t().contiguous().t())
+    assert not b.is_contiguous()
+    ref_opt = torch.optim.AdamW([a], foreach=False, **HYPER)
+    opt = PagedAdamW([b], pager=Pager(64, page_bytes=32, device="cpu"), **HYPER)
+    for step in range(10):
+        g = torch.randn(5, 7)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref_opt.step(), opt.step()
+        assert torch.equal(a, b)
+
+
+def test_state_dict_saved_while_evicted_continues_bit_identically():
+    ref, model = small_model(), small_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    pager = Pager(256, page_bytes=64, device="cpu")
+    opt = PagedAdamW(model.parameters(), pager=pager, **HYPER)
+    for step in range(25):
+        train_step(ref, ref_opt, step)
+        train_step(model, opt, step)
+    pager.evict_all()
+    counters = pager.stats()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    assert pager.stats() == counters, "saving must not page anything in"
+    ref_sd, sd = ref_opt.state_dict(), opt.state_dict()
+    for i, s in ref_sd["state"].items():            # torch AdamW's layout, the same numbers
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(s[key], sd["state"][i][key]), (i, key)
+    buffer.seek(0)
+    fresh = PagedAdamW(model.parameters(), pager=Pager(192, page_bytes=64, device="cpu"), **HYPER)
+    fresh.load_state_dict(torch.load(buffer))
+    for step in range(25, 50):
+        train_step(ref, ref_opt, step)
+        train_step(model, fresh, step)
+        assert_same(ref, model, step)
+    assert fresh.pager.page_outs > 0
+
+
+def test_loads_torch_adamw_state_dict_and_back():
+    ref, model = small_model(), small_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    for step in range(5):
+        train_step(ref, ref_opt, step)
+    model.load_state_dict(ref.state_dict())
+    opt = PagedAdamW(model.parameters(), pager=Pager(300, page_bytes=80, device="cpu"), **HYPER)
+    opt.load_state_dict(ref_opt.state_dict())
+    back = torch.optim.AdamW(small_model(1).parameters(), foreach=False, **HYPER)
+    back.load_state_dict(opt.state_dict())               # and into torch's AdamW again
+    for i, s in ref_opt.state_dict()["state"].items():
+        assert all(torch.equal(s[k], back.state_dict()["state"][i][k]) for k in s), i
+    for step in range(5, 15):
+        train_step(ref, ref_opt, step)
+        train_step(model, opt, step)
+        assert_same(ref, model, step)
+
+
+def test_closure_zero_grad_and_params_without_grad():
+    model = small_model()
+    model[2].bias.requires_grad_(False)
+    opt = PagedAdamW(model.parameters())
+    x, y = torch.randn(4, 9), torch.randn(4, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert loss.item() > 0 and len(opt.state) == 3 and model[2].bias not in opt.state
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pager_lru_worked_by_hand():
+    """Budget 3 pages of 8 bytes. alloc 6 floats -> pages 0, 1, 2 (24 bytes, LRU order 0 1 2).
+    use(0) -> order 1 2 0. reserve(8) must evict the LRU page: 1. use(1) pages 1 back in by
+    evicting 2 (order 0 1). evict_all -> 0 then 1 go out. Counters: ins 1, outs 4, bytes 40."""
+    pager = Pager(24, page_bytes=8, device="cpu", timeline=True)
+    pages = pager.alloc(6, data=torch.arange(6.0))
+    with pager.use([pages[0]]):
+        pass
+    pager.reserve(8)
+    assert set(pager._dev) == {0, 2}
+    with pager.use([pages[1]]) as (b,):
+        assert b.tolist() == [2.0, 3.0]
+    assert list(pager._dev) == [0, 1]
+    pager.evict_all()
+    assert (pager.page_ins, pager.page_outs, pager.bytes_moved) == (1, 4, 40)
+    assert pager.peak_bytes == 24 and pager.resident_bytes == 0 and pager.reserved_bytes == 8
+    assert [e[0] for e in pager.timeline] == ["alloc"] * 3 + ["page_out", "reserve", "page_out",
+                                                                "page_in", "page_out", "page_out"]
+    assert pager.gather(pages).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_out_of_budget_error_names_the_numbers():
+    pager = Pager(100, page_bytes=40, device="cpu")
+    pages = pager.alloc(20)                          # 40 + 40 bytes resident
+    with pytest.raises(OutOfBudget, match=r"reserve of 120 bytes .* budget of 100 bytes: 0 "
+                                          r"reserved, 80 resident .* at most 80 bytes"):
+        pager.reserve(120)
+    pager.reserve(60)                                # evicts one page (40 bytes)
+    with pytest.raises(OutOfBudget, match=r"use of 40 bytes .* 60 reserved"):
+        with pager.use(pages):
+            pass
+    off = Pager(100, page_bytes=40, device="cpu", evict=False)
+    off.alloc(20)
+    with pytest.raises(OutOfBudget, match="evict=False"):
+        off.reserve(40)
+
+
+def test_optimizer_needs_room_for_two_pages():
+    """A step holds one page of m and one of v at once: a budget of 1.5 pages cannot train."""
+    w = torch.nn.Parameter(torch.ones(100))
+    w.grad = torch.ones(100)
+    opt = PagedAdamW([w], pager=Pager(60, page_bytes=40, device="cpu"))
+    with pytest.raises(OutOfBudget, match="use of 40 bytes does not fit the device budget of 60"):
+        opt.step()
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget_pages=st.integers(1, 6), numels=st.lists(st.integers(1, 13), min_size=1, max_size=4),
+       ops=st.lists(st.tuples(st.sampled_from(["use", "spike", "evict"]), st.integers(0, 50)),
+                    max_size=30))
+def test_pager_keeps_contents_and_budget(budget_pages, numels, ops):
+    """Whatever the sequence of uses (each adds k to a page), spikes (held until the next one)
+    and evictions: pages keep their contents, device use never exceeds the budget, and `use`
+    fails only when the spike leaves no room for one page."""
+    pager = Pager(16 * budget_pages, page_bytes=16, device="cpu")   # 4 float32 per page
+    handles = [pager.alloc(n, data=torch.arange(float(n))) for n in numels]
+    expected = [torch.arange(float(n)) for n in numels]
+    where = [(i, j * 4) for i, h in enumerate(handles) for j in range(len(h))]
+    pages = [p for h in handles for p in h]
+    for op, k in ops:
+        if op == "use":
+            i, start = where[k % len(pages)]
+            try:
+                with pager.use([pages[k % len(pages)]]) as (t,):
+                    t.add_(k)
+                expected[i][start:start + 4] += k
+            except OutOfBudget:
+                assert pager.reserved_bytes + 16 > pager.budget
+        elif op == "spike":
+            pager.release(pager.reserved_bytes)
+            pager.reserve(16 * (k % (budget_pages + 1)))
+        else:
+            pager.evict_all()
+            assert pager.resident_bytes == 0
+        assert pager.resident_bytes + pager.reserved_bytes <= pager.budget
+    assert pager.peak_bytes <= pager.budget
+    for h, e in zip(handles, expected):
+        assert torch.equal(pager.gather(h), e)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr must be >= 0, got -1.0"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must be >= 0 and < 1, got 1.0"),
+    (dict(eps=-1e-8), "eps must be >= 0"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PagedAdamW([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_bad_pager_arguments_and_device_mismatch():
+    with pytest.raises(ValueError, match="device_budget_bytes must be an int >= 0 or None, got -5"):
+        Pager(-5)
+    with pytest.raises(ValueError, match="page_bytes must be an int >= 1, got 0"):
+        Pager(10, page_bytes=0)
+    pager = Pager(100, device="cpu")
+    with pytest.raises(ValueError, match=r"release: nbytes must be an int in \[0, 0\]"):
+        pager.release(4)
+    with pytest.raises(ValueError, match="reserve: nbytes must be an int >= 0"):
+        pager.reserve(-1)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="a parameter is on cpu but the pager's device is meta"):
+        PagedAdamW([w], pager=Pager(None, device="meta")).step()
+    z = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    z.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="real floating point, got torch.complex64"):
+        PagedAdamW([z]).step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_paging_to_pinned_host_memory_is_bit_identical():
+    """The real thing: pages move between GPU memory and pinned host memory, prefetch on a side
+    stream. (Written without a GPU at hand; never run by its author.)"""
+    ref, model = small_model().cuda(), small_model().cuda()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    pager = Pager(1024, page_bytes=64, device="cuda")
+    opt = PagedAdamW(model.parameters(), pager=pager, **HYPER)
+    for step in range(50):
+        for m, o in ((ref, ref_opt), (model, opt)):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 9, generator=g).cuda(), torch.randn(16, 4, generator=g).cuda()
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+        pager.reserve(1024)
+        pager.release(1024)
+        assert_same(ref, model, step)
+    assert pager.page_outs > 0 and pager.page_ins > 0
+    assert all(h.is_pinned() for h in pager._host.values())
+    assert all(t.is_cuda for t in pager._dev.values())
