@@ -1,0 +1,179 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from minqlora import Linear4bit, dequantize_4bit, quantize_4bit
+from minqlora.linear4bit import Linear4bitFunction
+
+from conftest import gaussian
+
+
+def linear(in_features, out_features, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias)
+
+
+def test_buffers_hold_exactly_quantize_4bit_output():
+    lin = linear(128, 64)
+    layer = Linear4bit.from_linear(lin)
+    packed, state = quantize_4bit(lin.weight.detach())
+    assert torch.equal(layer.weight_packed, packed)
+    assert torch.equal(layer.qabsmax, state.absmax) and torch.equal(layer.code, state.code)
+    assert torch.equal(layer.absmax2, state.state2.absmax) and torch.equal(layer.offset, state.offset)
+    assert torch.equal(layer.dequantize(), dequantize_4bit(packed, state))
+    assert [n for n, _ in layer.named_parameters()] == ["bias"]       # no weight parameter
+
+
+def test_gradcheck_float64():
+    """Analytic backward (dequantize again, dy @ W; dbias = sum dy) vs finite differences."""
+    layer = Linear4bit.from_linear(linear(12, 6, seed=1).double(), compute_dtype=torch.float64)
+    x = gaussian((3, 12), seed=2, dtype=torch.float64).requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    fn = lambda x, b: Linear4bitFunction.apply(x, b, layer.layout, layer.weight_packed,  # noqa: E731
+                                               *layer.constants())
+    assert torch.autograd.gradcheck(fn, (x, bias))
+    layer.bias.requires_grad_(True)                             # and through the module, 3-D x
+    x3 = gaussian((2, 3, 12), seed=3, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (x3,))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_input_grad_match_a_plain_linear_over_the_dequantized_weight(x_dtype):
+    """The reference: F.linear in bf16 over dequantize_4bit(bytes) in bf16, autograd's backward."""
+    lin = linear(96, 40, seed=3)
+    layer = Linear4bit.from_linear(lin)
+    weight = layer.dequantize(torch.bfloat16)                       # (40, 96)
+    x = gaussian((4, 7, 96), seed=4, dtype=x_dtype).requires_grad_()
+    out = layer(x)
+    assert out.dtype == x_dtype and out.shape == (4, 7, 40)
+    x_ref = x.detach().clone().requires_grad_()
+    b_ref = lin.bias.detach().clone().requires_grad_()
+    ref = nn.functional.linear(x_ref.to(torch.bfloat16), weight, b_ref.to(torch.bfloat16))
+    assert torch.equal(out, ref.to(x_dtype))
+    grad = gaussian((4, 7, 40), seed=5, dtype=x_dtype)
+    out.backward(grad)
+    ref.to(x_dtype).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=1e-2)
+    assert x.grad.dtype == x_dtype
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(layer.bias.grad, grad.float().sum((0, 1)), rtol=0.05, atol=0.05)
+
+
+def test_quantization_error_is_what_nf4_promises():
+    """The 4-bit layer is close to the float layer: relative output error of a few percent."""
+    lin = linear(256, 128, seed=6)
+    x = gaussian((16, 256), seed=7)
+    err = (Linear4bit.from_linear(lin)(x) - lin(x)).norm() / lin(x).norm()
+    assert 0.01 < err.item() < 0.15, err.item()
+
+
+def test_backward_saves_no_full_precision_weight():
+    """Every tensor autograd saves for this layer's backward is the packed bytes or a state
+    tensor: total bytes = packed + constants, never an (out, in) float matrix."""
+    layer = Linear4bit.from_linear(linear(256, 128, bias=False))
+    layer_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+        return t
+
+    x = gaussian((8, 256)).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    assert not any(dtype.is_floating_point and shape == (128, 256) for shape, dtype, _ in saved)
+    assert sum(n for *_, n in saved) == layer_bytes == 128 * 256 // 2 + 512 + 2 * 4 + 4 + 64, saved
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (8, 256)
+
+
+def test_state_dict_round_trips_bit_for_bit():
+    layer = Linear4bit.from_linear(linear(64, 48, seed=8), quant_type="nf4")
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    other = Linear4bit(64, 48)                                 # different random weight
+    other.load_state_dict(torch.load(buffer))
+    for (name, a), (_, b) in zip(layer.state_dict().items(), other.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    x = gaussian((3, 64), seed=9)
+    assert torch.equal(layer(x), other(x))
+
+
+def test_state_dict_keys_depend_on_double_quant():
+    plain = Linear4bit(64, 8, double_quant=False)
+    assert list(plain.state_dict()) == ["bias", "weight_packed", "code", "absmax"]
+    assert plain.absmax.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="qabsmax"):
+        plain.load_state_dict(Linear4bit(64, 8).state_dict())
+
+
+def test_dtype_casts_never_round_the_constants():
+    """model.to(bfloat16) / .half() cast parameters, but the float32 absmax2 / offset / code
+    must stay float32 (a bf16 NF4 table would decode different weights)."""
+    layer = Linear4bit.from_linear(linear(64, 32, bias=False))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = gaussian((2, 64))
+    y = layer(x)
+    layer.half().to(torch.bfloat16)
+    for k, v in layer.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert torch.equal(layer(x), y)
+
+
+def test_odd_shapes_and_other_quant_types():
+    for quant_type, double_quant in [("fp4", False), ("int4", True), ("nf4", False)]:
+        lin = linear(7, 5, seed=10)                             # 35 weights: odd, one partial block
+        layer = Linear4bit.from_linear(lin, quant_type=quant_type, double_quant=double_quant,
+                                       blocksize=16, compute_dtype=torch.float32)
+        packed, state = quantize_4bit(lin.weight.detach(), 16, quant_type, double_quant)
+        x = gaussian((3, 7), seed=11)
+        expected = nn.functional.linear(x, dequantize_4bit(packed, state), lin.bias)
+        assert torch.equal(layer(x), expected), quant_type
+
+
+def test_the_frozen_weight_gets_no_gradient():
+    layer = Linear4bit.from_linear(linear(32, 16))
+    layer(gaussian((4, 32))).sum().backward()
+    assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
+    assert layer.bias.grad is not None
+
+
+def test_matches_bitsandbytes_matmul_4bit():
+    """Same bytes as bitsandbytes (no double quant: see double_quant.py's note), same output."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = linear(128, 64, seed=12)
+    layer = Linear4bit.from_linear(lin, double_quant=False)
+    packed, state = bnb.functional.quantize_4bit(lin.weight.detach(), blocksize=64,
+                                                 compress_statistics=False, quant_type="nf4")
+    assert torch.equal(packed.reshape(-1), layer.weight_packed)
+    x = gaussian((6, 128), seed=13, dtype=torch.bfloat16).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = bnb.matmul_4bit(x_ref, packed.t(), quant_state=state, bias=lin.bias.to(torch.bfloat16))
+    out = layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    grad = gaussian((6, 64), seed=14, dtype=torch.bfloat16)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_bad_input_and_arguments_say_what_was_expected():
+    layer = Linear4bit(16, 8)
+    with pytest.raises(ValueError, match=r"Linear4bit: expected input with last dimension 16 "
+                                         r"\(in_features\), got shape \(4, 12\)"):
+        layer(torch.zeros(4, 12))
+    with pytest.raises(TypeError, match="Linear4bit: expected a floating-point input tensor, "
+                                        "got torch.int32"):
+        layer(torch.zeros(4, 16, dtype=torch.int32))
+    with pytest.raises(TypeError, match="compute_dtype must be a floating-point torch.dtype, "
+                                        "got torch.int8"):
+        Linear4bit(16, 8, compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match="in_features must be an integer >= 1, got 0"):
+        Linear4bit(0, 8)
+    with pytest.raises(ValueError, match="blocksize must be a power of two >= 2, got 48"):
+        Linear4bit(16, 8, blocksize=48)
+    with pytest.raises(TypeError, match="from_linear: expected an nn.Linear, got Conv1d"):
+        Linear4bit.from_linear(nn.Conv1d(4, 4, 1))

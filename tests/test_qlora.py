@@ -1,0 +1,132 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from minqlora import Linear4bit, LoRALinear, merge_qlora, prepare_qlora, trainable_summary
+
+from conftest import gaussian
+
+
+class Tiny(nn.Module):
+    """embed (10 x 16) -> attn.q (16 -> 32) -> mlp (32 -> 16) -> norm -> lm_head (16 -> 10)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 16)
+        self.attn = nn.ModuleDict({"q": nn.Linear(16, 32)})
+        self.mlp = nn.Linear(32, 16)
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 10, bias=False)
+
+    def forward(self, tokens):
+        return self.lm_head(self.norm(self.mlp(self.attn["q"](self.embed(tokens)).relu())))
+
+
+def test_every_linear_but_the_head_gets_lora_over_4bit():
+    model = prepare_qlora(Tiny(), r=4)
+    for name in ("attn.q", "mlp"):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LoRALinear) and isinstance(layer.base, Linear4bit)
+        assert (layer.r, layer.scaling, layer.dropout.p) == (4, 16 / 4, 0.1)
+    assert type(model.lm_head) is nn.Linear
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["attn.q.lora_A.weight", "attn.q.lora_B.weight",
+                         "mlp.lora_A.weight", "mlp.lora_B.weight"]
+
+
+def test_defaults_follow_the_paper():
+    layer = prepare_qlora(Tiny()).mlp
+    assert (layer.r, layer.alpha, layer.dropout.p) == (64, 16, 0.1)
+    assert (layer.base.quant_type, layer.base.blocksize, layer.base.double_quant,
+            layer.base.compute_dtype) == ("nf4", 64, True, torch.bfloat16)
+
+
+def test_prepared_model_computes_the_4bit_model_at_start():
+    """Adapters start at B = 0, so the output is exactly that of the model with each linear
+    replaced by its Linear4bit (nothing else changed)."""
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    reference = Tiny()
+    reference.attn["q"] = Linear4bit.from_linear(reference.attn["q"])
+    reference.mlp = Linear4bit.from_linear(reference.mlp)
+    model = prepare_qlora(Tiny(), r=4).eval()
+    assert torch.equal(model(tokens), reference(tokens))
+
+
+def test_target_modules_and_errors():
+    model = prepare_qlora(Tiny(), r=2, target_modules=["q"])
+    assert isinstance(model.attn["q"], LoRALinear) and type(model.mlp) is nn.Linear
+    with pytest.raises(ValueError, match=r"no nn.Linear matched target_modules=\['v'\].*"
+                                         r"\['attn.q', 'mlp', 'lm_head'\]"):
+        prepare_qlora(Tiny(), target_modules=["v"])
+    with pytest.raises(ValueError, match="already adapted are skipped"):
+        prepare_qlora(prepare_qlora(Tiny(), r=2))               # twice: nothing left to adapt
+    with pytest.raises(ValueError, match="LoRALinear: r must be an integer >= 1, got 0"):
+        prepare_qlora(Tiny(), r=0)
+
+
+def test_trainable_summary_worked_by_hand():
+    """nn.Linear(128, 64) at r = 8, NF4 + double quant:
+    4-bit: 8192 weights / 2 = 4096 bytes + 128 qabsmax + 1 absmax2 * 4 + offset 4 + code 64 = 4296
+    adapters: 8 * (128 + 64) = 1536 float32 = 6144 bytes; other: the bias, 64 * 4 = 256 bytes
+    params: 8192 (4-bit) + 64 (bias) + 1536 (adapters) = 9792, of which 1536 train."""
+    torch.manual_seed(0)
+    summary = trainable_summary(prepare_qlora(nn.Sequential(nn.Linear(128, 64)), r=8))
+    assert (summary.trainable, summary.total, summary.params_4bit) == (1536, 9792, 8192)
+    assert (summary.bytes_4bit, summary.bytes_adapters, summary.bytes_other) == (4296, 6144, 256)
+    text = str(summary)
+    assert "trainable params: 1,536 of 9,792 (15.69%)" in text
+    assert "4.195 bits per 4-bit parameter" in text            # 8 * 4296 / 8192
+
+
+def test_4_127_bits_per_parameter_at_scale():
+    """4096 x 4096: (8,388,608 + 262,144 + 4,096 + 4 + 64) bytes * 8 / 16,777,216 = 4.127."""
+    layer = nn.Sequential(nn.Linear(4096, 4096, bias=False))
+    with torch.no_grad():
+        layer[0].weight.normal_(0, 0.02)
+    summary = trainable_summary(prepare_qlora(layer, r=8))
+    assert summary.bytes_4bit == 8_388_608 + 262_144 + 4_096 + 4 + 64
+    assert round(summary.bits_per_4bit_param, 3) == 4.127
+
+
+def test_a_step_trains_only_the_adapters_and_merge_matches():
+    torch.manual_seed(0)
+    model = prepare_qlora(Tiny(), r=4, dropout=0.0, compute_dtype=torch.float32)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(tokens)[0], tokens[0]).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    assert model.mlp.lora_B.weight.abs().sum() > 0
+    out = model(tokens)
+    merged = merge_qlora(copy.deepcopy(model))
+    assert not any(isinstance(m, (LoRALinear, Linear4bit)) for m in merged.modules())
+    assert [type(m) for m in (merged.attn["q"], merged.mlp, merged.lm_head)] == [nn.Linear] * 3
+    torch.testing.assert_close(merged(tokens), out, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_qlora_on_bare_layers_and_a_root_layer():
+    lin = nn.Linear(32, 8)
+    layer4 = Linear4bit.from_linear(lin, compute_dtype=torch.float32)
+    x = gaussian((3, 32))
+    merged = merge_qlora(nn.Sequential(copy.deepcopy(layer4)))
+    assert type(merged[0]) is nn.Linear and torch.allclose(merged[0](x), layer4(x), atol=1e-6)
+    root = merge_qlora(LoRALinear(copy.deepcopy(layer4), r=2))
+    assert type(root) is nn.Linear and torch.allclose(root(x), layer4(x), atol=1e-6)
+
+
+def test_model_to_bfloat16_keeps_the_4bit_state():
+    model = prepare_qlora(Tiny(), r=4)
+    before = model.mlp.base.state_dict()
+    model.to(torch.bfloat16)
+    after = model.mlp.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+               for k in before if k != "bias")
+    assert model.mlp.lora_A.weight.dtype == torch.bfloat16
