@@ -7,8 +7,9 @@ The base weight W (out, in) never changes; only A and B train: r * (in + out) nu
 of in * out. B starts at zero, so a fresh layer computes exactly base(x) and training starts
 from the pretrained model. A starts random (kaiming_uniform_, a=sqrt(5), as nn.Linear does),
 so B's gradient, scaling * dh.T @ (x @ A.T), is non-zero from the first step (were both zero,
-neither would ever move). scaling = alpha / r keeps the update's size about the same when you
-change r, so a learning rate tuned at one rank carries over to another.
+neither would ever move). scaling = alpha / r: Adam's first step moves every entry of B by
+about lr, which changes the output by about lr * r * |A x| (r terms add up); dividing by r
+cancels that, so a learning rate tuned at one rank carries over to another.
 
 Worked example: a 4096x4096 layer holds 16,777,216 weights; LoRA at r=8 trains
 8 * (4096 + 4096) = 65,536 of them (0.39%), with scaling 16 / 8 = 2.
