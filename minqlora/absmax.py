@@ -4,7 +4,7 @@ Scale the tensor so its largest magnitude lands on the largest integer, round, a
 scale (the absmax) to undo it:
 
     levels = 2^(bits-1) - 1                      # 127 for int8, 7 for int4
-    q      = round(x * (levels / absmax(x)))     # integers in [-levels, levels]
+    q      = round(x / absmax(x) * levels)       # integers in [-levels, levels]
     x_hat  = q * (absmax / levels)
 
 Worked example (bits=8): x = [-0.976, 0.187, 0.886] has absmax 0.976, so
@@ -34,8 +34,9 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
     levels = 2 ** (bits - 1) - 1
     xf = x.float()
     absmax = xf.abs().max() if xf.numel() else torch.zeros((), dtype=torch.float32)
-    scale = levels / absmax.clamp(min=torch.finfo(torch.float32).tiny)  # 0 -> all zeros, not NaN
-    q = torch.round(xf * scale).clamp(-levels, levels)
+    # x / absmax lies in [-1, 1] even for tiny absmax; an all-zero tensor (absmax 0) gives zeros
+    unit = torch.where(absmax > 0, xf / absmax, torch.zeros_like(xf))
+    q = torch.round(unit * levels).clamp(-levels, levels)
     return q.to(torch.int8 if bits <= 8 else torch.int16), absmax
 
 

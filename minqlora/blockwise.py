@@ -23,7 +23,9 @@ import torch
 
 from ._checks import check_blocksize, check_code, check_float
 
-_TINY = torch.finfo(torch.float32).tiny  # the reciprocal of an all-zero block's absmax stays finite
+# An all-zero block's absmax is clamped to this before taking 1/absmax (as bitsandbytes does),
+# so its values scale to 0, not NaN. A block whose absmax is below it (subnormal) decodes to 0.
+_TINY = 1e-38
 
 
 def blocks_of(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -82,6 +84,9 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torc
                          ) -> torch.Tensor:
     """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`.
 
+    `shape` is the shape to return (default: the indices' shape); `indices` hold one code
+    index per value, in flat order, and `absmax` one float per block of `blocksize` values.
+
     >>> dequantize_blockwise(torch.tensor([1, 0, 2, 1], dtype=torch.uint8),
     ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), blocksize=2).tolist()
     [0.0, -0.800000011920929, 3.0, 0.0]
@@ -92,6 +97,9 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torc
     if indices.numel() != n:
         raise ValueError(f"dequantize_blockwise: {indices.numel()} indices cannot fill shape "
                          f"{tuple(shape)} ({n} values)")
+    if n and int(indices.max()) >= code.numel():
+        raise ValueError(f"dequantize_blockwise: index {int(indices.max())} is outside the "
+                         f"{code.numel()}-entry code")
     n_blocks = -(-n // blocksize)
     if absmax.numel() != n_blocks:
         raise ValueError(f"dequantize_blockwise: expected {n_blocks} absmax values for {n} values "

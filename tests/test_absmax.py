@@ -48,3 +48,10 @@ def test_round_trip_error_is_at_most_half_a_step(values, bits):
     step = absmax.item() / (2 ** (bits - 1) - 1)
     err = (absmax_dequantize(q, absmax, bits) - x).abs().max().item()
     assert err <= step / 2 * (1 + 1e-5) + 1e-30
+
+
+def test_tiny_absmax_does_not_overflow_the_scale():
+    """levels / absmax would overflow float32 for absmax < 3.7e-37; x / absmax * levels does not:
+    [1e-37, 5e-38, -2e-38] -> [127, 63.5 -> 64, -25.4 -> -25]."""
+    q, _ = absmax_quantize(torch.tensor([1e-37, 5e-38, -2e-38, 0.0]))
+    assert q.tolist() == [127, 64, -25, 0]

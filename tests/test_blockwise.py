@@ -91,3 +91,8 @@ def test_dequantize_matches_bitsandbytes_on_our_bytes(bnb_functional):
     state = bnb_functional.QuantState(absmax=absmax, code=code, blocksize=256, dtype=torch.float32)
     ref = bnb_functional.dequantize_blockwise(q, state)
     assert torch.equal(dequantize_blockwise(q, absmax, code, blocksize=256), ref)
+
+
+def test_dequantize_refuses_an_index_outside_the_code():
+    with pytest.raises(ValueError, match="index 20 is outside the 15-entry code"):
+        dequantize_blockwise(torch.tensor([20], dtype=torch.uint8), torch.ones(1), INT4, blocksize=2)
