@@ -66,10 +66,9 @@ class Pager:
         self.timeline = [] if timeline else None
 
     def stats(self) -> dict:
-        """The counters: page_ins, page_outs, bytes_moved, resident_bytes, reserved_bytes, peak_bytes."""
-        names = ("page_ins", "page_outs", "bytes_moved", "resident_bytes", "reserved_bytes",
-                 "peak_bytes")
-        return {n: getattr(self, n) for n in names}
+        """The counters: page_ins, page_outs, bytes_moved, resident/reserved/peak_bytes."""
+        return {n: getattr(self, n) for n in ("page_ins", "page_outs", "bytes_moved",
+                                              "resident_bytes", "reserved_bytes", "peak_bytes")}
 
     def _log(self, event: str, nbytes: int) -> None:
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes + self.reserved_bytes)
