@@ -1,0 +1,139 @@
+"""The experiment: fine-tune the toy base five ways and compare (lesson 09).
+
+    method      base weights (frozen unless full)      trains                 optimizer
+    full        float32, all trainable                 every parameter        torch AdamW
+    lora16      bf16 copy of each linear               LoRA on all linears    torch AdamW
+    qlora       NF4 + double quantization (4.127 b)    LoRA on all linears    PagedAdamW
+    qlora-fp4   FP4 + double quantization              LoRA on all linears    PagedAdamW
+    qlora-int4  INT4 + double quantization             LoRA on all linears    PagedAdamW
+
+Everything else is shared: the data (toy.make_data("sub")), the seed, the batches, the
+schedule. lora16 and the qlora variants differ only in how the frozen linear weights are
+stored (bf16 vs 4 bits); both compute in bf16 and keep float32 adapters (PEFT's default) and
+the embedding, norms and lm_head frozen in float32 (QLoRA also leaves lm_head unquantized).
+
+Worked example: result = finetune(pretrain(), "qlora") gives result.heldout_loss,
+result.accuracy and result.bytes = {"weights": ..., "adapters": ..., "optimizer": ...},
+each counted from the tensors the run actually held.
+
+The model and the data are toy.py's; the layers are lora.py's, linear4bit.py's, qlora.py's;
+the optimizer is paged_adam.py's. What the paper's claim means at 65B is memory.py's job.
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear
+from .paged_adam import PagedAdamW
+from .qlora import prepare_qlora
+from .toy import evaluate, make_data, train
+
+METHODS = ("full", "lora16", "qlora", "qlora-fp4", "qlora-int4")
+QUANT_TYPES = {"qlora": "nf4", "qlora-fp4": "fp4", "qlora-int4": "int4"}
+
+
+class Bf16Linear(nn.Linear):
+    """A frozen nn.Linear stored and computed in bf16 that returns its input's dtype (lora16's base)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=torch.bfloat16)
+        new.load_state_dict(linear.state_dict())                # rounds float32 -> bf16
+        return new.requires_grad_(False)
+
+
+@dataclass
+class FinetuneResult:
+    method: str
+    heldout_loss: float
+    accuracy: float
+    bytes: dict                                     # weights (with constants), adapters, optimizer
+    trainable: int
+    losses: list = field(repr=False)                # training loss per step
+    heldout_curve: list = field(repr=False)         # (step, held-out loss), ~10 points
+    weight_error: float = 0.0                       # ||W_stored - W|| / ||W|| over the linears
+    pager_stats: dict = field(default=None, repr=False)
+    seconds: float = field(default=0.0, repr=False)
+
+
+def linear_names(model: nn.Module, exclude=("lm_head",)) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in exclude]
+
+
+def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16) -> nn.Module:
+    """A deep copy of base made ready for `method`: all trainable (full), or frozen with LoRA
+    adapters over bf16 (lora16) or 4-bit (qlora*) copies of every linear but lm_head."""
+    if method not in METHODS:
+        raise ValueError(f"finetune: method must be one of {METHODS}, got {method!r}")
+    model = copy.deepcopy(base).float()
+    if method == "full":
+        return model.requires_grad_(True)
+    if method in QUANT_TYPES:
+        return prepare_qlora(model, r=r, alpha=alpha, dropout=0.0, quant_type=QUANT_TYPES[method])
+    model.requires_grad_(False)
+    for name in linear_names(model):
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, LoRALinear(Bf16Linear.from_linear(linear), r, alpha))
+    return model
+
+
+def stored_bytes(model: nn.Module) -> dict:
+    """Bytes of the frozen weights (4-bit bytes and constants included) and of the trainable ones."""
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {"weights": sum(nbytes(t) for t in tensors if not t.requires_grad),
+            "trainable": sum(nbytes(t) for t in tensors if t.requires_grad)}
+
+
+@torch.no_grad()
+def weight_error(base: nn.Module, model: nn.Module) -> float:
+    """Relative error of the stored linear weights against base's, over all linears but lm_head."""
+    err = ref = 0.0
+    for name in linear_names(base):
+        w, layer = base.get_submodule(name).weight.float(), model.get_submodule(name)
+        stored = layer.base if isinstance(layer, LoRALinear) else layer
+        w_hat = stored.dequantize(torch.float32) if hasattr(stored, "dequantize") else stored.weight.float()
+        err, ref = err + (w_hat - w).pow(2).sum().item(), ref + w.pow(2).sum().item()
+    return (err / ref) ** 0.5
+
+
+def finetune(base: nn.Module, method: str, steps: int = 300, batch_size: int = 64, lr: float = None,
+             r: int = 8, alpha: float = 16, seed: int = 0, task: str = "sub", pager=None,
+             progress: bool = False) -> FinetuneResult:
+    """Fine-tune a copy of `base` on `task` by `method`; base itself is not changed.
+
+    lr defaults to 1e-3 for full fine-tuning and 3e-3 for the LoRA methods (adapters start
+    at zero and need bigger steps). pager: a Pager for PagedAdamW (qlora methods only).
+    progress=True shows a tqdm bar on stderr.
+    """
+    start = time.perf_counter()
+    model = convert(base, method, r, alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = lr if lr is not None else (1e-3 if method == "full" else 3e-3)
+    if method in QUANT_TYPES:
+        opt = PagedAdamW(params, lr=lr, weight_decay=0.0, pager=pager)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
+    data = make_data(task, seed)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    losses, curve = train(model, data["train"], params, opt, steps, batch_size, seed, method,
+                          progress, sched, data["heldout"], max(steps // 10, 1))
+    loss, acc = evaluate(model, data["heldout"])
+    state = opt.state_dict()["state"].values()
+    held = stored_bytes(model)
+    return FinetuneResult(
+        method, loss, acc, trainable=sum(p.numel() for p in params), losses=losses,
+        heldout_curve=curve, weight_error=weight_error(base, model) if method != "full" else 0.0,
+        bytes={"weights": held["weights"] if method != "full" else held["trainable"],
+               "adapters": held["trainable"] if method != "full" else 0,
+               "optimizer": sum(s[k].numel() * s[k].element_size() for s in state
+                                for k in ("exp_avg", "exp_avg_sq"))},
+        pager_stats=opt.pager.stats() if method in QUANT_TYPES else None,
+        seconds=time.perf_counter() - start)

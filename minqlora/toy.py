@@ -1,0 +1,190 @@
+"""A toy language model and code-made data, so QLoRA can be tried end to end on a CPU (lesson 09).
+
+The model is a miniature LLaMA: token embedding, `num_hidden_layers` blocks of RMSNorm ->
+causal self-attention (q, k, v, o as nn.Linear, rotary positions) -> RMSNorm -> gated MLP
+(gate, up, down as nn.Linear, SiLU), a final RMSNorm and an untied lm_head; no biases. Its
+config uses Hugging Face's LLaMA key names, so memory.py counts its bytes with the same
+formula it uses for LLaMA-65B.
+
+    h = x + o(attention(rope(q(norm(x))), rope(k(norm(x))), v(norm(x))))
+    y = h + down(silu(gate(norm(h))) * up(norm(h)))
+
+The data is character-level arithmetic on two-digit numbers, answers zero-padded to 3 digits:
+
+    pretraining ("add"):  "07+45=052"      fine-tuning ("sub", a >= b):  "45-07=038"
+
+The loss and the accuracy count only the 3 answer digits (predicted from the prompt). Accuracy
+is exact match of all three under argmax, which is what greedy decoding would produce.
+Worked example: "1+2=" is the token ids [1, 10, 2, 13]; make_data("add") holds all 10,000
+problems, 1,000 of them held out.
+
+This module builds the base model; the fine-tuning experiment is in finetune.py (re-exported
+here as `finetune`), the quantization in double_quant.py, the adapters in lora.py / qlora.py.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = "0123456789+-*="
+TASKS = {"add": "+", "sub": "-"}
+CONFIG = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=16)
+
+
+def encode(text: str) -> list[int]:
+    """Characters -> token ids.
+
+    >>> encode("1+2=")
+    [1, 10, 2, 13]
+    """
+    bad = set(text) - set(VOCAB)
+    if bad:
+        raise ValueError(f"encode: characters {sorted(bad)} are not in the vocabulary {VOCAB!r}")
+    return [VOCAB.index(c) for c in text]
+
+
+def make_data(task: str = "add", seed: int = 0, n_heldout: int = 1000) -> dict:
+    """All problems of a task as token ids (n, 9), shuffled by `seed`, split train / heldout.
+
+    >>> d = make_data("add")
+    >>> d["train"].shape, d["heldout"].shape, "".join(VOCAB[i] for i in d["train"][0])
+    (torch.Size([9000, 9]), torch.Size([1000, 9]), '54+95=149')
+    """
+    if task not in TASKS:
+        raise ValueError(f"make_data: task must be one of {list(TASKS)}, got {task!r}")
+    a, b = torch.meshgrid(torch.arange(100), torch.arange(100), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)                            # (10000,) each
+    if task == "sub":
+        a, b = a[a >= b], b[a >= b]                                # 5050 problems, answer >= 0
+    c = a + b if task == "add" else a - b
+    digits = lambda v, n: torch.stack([v // 10 ** i % 10 for i in reversed(range(n))], 1)  # noqa: E731
+    op = torch.full_like(a, VOCAB.index(TASKS[task]))[:, None]
+    eq = torch.full_like(a, VOCAB.index("="))[:, None]
+    seqs = torch.cat([digits(a, 2), op, digits(b, 2), eq, digits(c, 3)], 1)   # (n, 9) int64
+    seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))]
+    return {"train": seqs[n_heldout:], "heldout": seqs[:n_heldout]}
+
+
+def rope(x: torch.Tensor) -> torch.Tensor:
+    """Rotary positions: rotate each pair of features (x1, x2) of x (B, H, T, D) by t * freq."""
+    T, D = x.shape[-2:]
+    freqs = 10000.0 ** (-torch.arange(0, D, 2, device=x.device) / D)       # (D/2,)
+    angles = torch.arange(T, device=x.device)[:, None] * freqs             # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.input_norm, self.post_norm = nn.RMSNorm(hidden, eps=1e-6), nn.RMSNorm(hidden, eps=1e-6)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):                                          # x (B, T, hidden)
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
+        n = self.input_norm(x)
+        q, k, v = split(self.q_proj(n)), split(self.k_proj(n)), split(self.v_proj(n))  # (B, H, T, D)
+        att = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, C))
+        n = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+
+
+class ToyLM(nn.Module):
+    """A miniature LLaMA over CONFIG (Hugging Face key names); forward(ids (B, T)) -> logits (B, T, V)."""
+
+    def __init__(self, config: dict = CONFIG):
+        super().__init__()
+        self.config = dict(config)
+        h, L = config["hidden_size"], config["num_hidden_layers"]
+        self.embed_tokens = nn.Embedding(config["vocab_size"], h)
+        self.layers = nn.ModuleList(Block(h, config["intermediate_size"], config["num_attention_heads"])
+                                    for _ in range(L))
+        self.norm = nn.RMSNorm(h, eps=1e-6)
+        self.lm_head = nn.Linear(h, config["vocab_size"], bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)                                 # (B, T, hidden)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))                          # (B, T, vocab)
+
+
+def answer_loss(model: nn.Module, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the 3 answer digits of seqs (n, 9), and which rows are all right."""
+    logits = model(seqs[:, :-1])[:, -3:].float()                    # predicts seqs[:, -3:], (n, 3, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, -3:].reshape(-1))
+    return loss, (logits.argmax(-1) == seqs[:, -3:]).all(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, seqs: torch.Tensor) -> tuple[float, float]:
+    """(held-out loss, exact-match accuracy) of model on seqs, as Python floats."""
+    was_training = model.training
+    model.eval()
+    loss, correct = answer_loss(model, seqs)
+    model.train(was_training)
+    return loss.item(), correct.float().mean().item()
+
+
+def train(model, seqs, params, optimizer, steps, batch_size, seed, desc="train", progress=False,
+          scheduler=None, heldout=None, eval_every=0):
+    """`steps` of training on random batches of seqs; returns (loss per step, held-out curve).
+
+    The curve holds (step, held-out loss) at step 0 and every `eval_every` steps when a
+    `heldout` set is given. progress=True shows a tqdm bar (on stderr).
+    """
+    from tqdm import tqdm
+    gen = torch.Generator().manual_seed(seed)
+    losses, curve = [], []
+    for step in tqdm(range(steps + 1), desc=desc, disable=not progress, leave=False):
+        if heldout is not None and (step % max(eval_every, 1) == 0 or step == steps):
+            curve.append((step, evaluate(model, heldout)[0]))
+        if step == steps:
+            break
+        model.train()
+        batch = seqs[torch.randint(len(seqs), (batch_size,), generator=gen)]   # (batch, 9)
+        loss, _ = answer_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses, curve
+
+
+def pretrain(seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 5e-3,
+             config: dict = CONFIG, progress: bool = False) -> ToyLM:
+    """The base model: ToyLM trained on "add" for `steps` AdamW steps, deterministic for `seed`.
+
+    The global RNG is left as it was. `model.pretrain_losses` keeps the loss curve.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ToyLM(config)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    data = make_data("add", seed)
+    model.pretrain_losses, _ = train(model, data["train"], params, opt, steps, batch_size, seed,
+                                  "pretrain", progress, sched)
+    return model.eval()
+
+
+def __getattr__(name):
+    """mq.toy.finetune, FinetuneResult and METHODS live in finetune.py (the experiment)."""
+    if name in ("finetune", "FinetuneResult", "METHODS"):
+        from . import finetune as experiment
+        return getattr(experiment, name)
+    raise AttributeError(f"module 'minqlora.toy' has no attribute {name!r}")
