@@ -1,0 +1,240 @@
+"""tests for minqlora/cuda.py and kernels/dequant_nf4.cu: the CPU emulation of the kernel, the
+PTX build for sm_80 / sm_90, and (marked gpu, skipped without CUDA + CuPy) the kernel on a GPU.
+
+Every comparison is bit-for-bit (torch.equal on the raw bits), never a tolerance."""
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minqlora as mq
+from minqlora import cuda
+from minqlora.double_quant import DYNAMIC, QuantState
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    try:
+        return cuda.build_emulation()
+    except cuda.EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+def bits(t):
+    """The raw bits of a float tensor, so that -0.0 != 0.0 and NaN == NaN."""
+    return t.reshape(-1).view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
+
+
+def assert_same(packed, state, dtype, backend="emulate", **kw):
+    want = mq.dequantize_4bit(packed, state, dtype, backend="torch")
+    got = mq.dequantize_4bit(packed, state, dtype, backend=backend, **kw)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(bits(got.cpu()), bits(want.cpu()))
+
+
+def test_golden_plain(emulation):
+    """Bytes [0x0F, 0x70], absmax [2.0], shape (3,), NF4:
+    element 0 = high nibble 0 -> NF4[0] * 2 = -2; element 1 = low nibble 15 -> NF4[15] * 2 = 2;
+    element 2 = high nibble 7 -> NF4[7] * 2 = 0 (the low nibble 0 is padding)."""
+    state = QuantState(torch.tensor([2.0]), mq.NF4, 64, torch.Size([3]), torch.float32)
+    out = mq.dequantize_4bit(torch.tensor([0x0F, 0x70], dtype=torch.uint8), state, backend="emulate")
+    assert out.tolist() == [-2.0, 2.0, 0.0]
+
+
+def test_golden_nested(emulation):
+    """Two blocks of 2 weights, double quantized by hand: qabsmax [255, 127] -> dynamic code
+    [1.0, 0.0]; absmax2 [0.5], offset 0.25 -> absmax [1.0 * 0.5 + 0.25, 0.0 * 0.5 + 0.25] =
+    [0.75, 0.25]. Byte 0xF0 -> (NF4[15], NF4[0]) = (1, -1) in block 0: [0.75, -0.75];
+    byte 0xF7 -> (1, 0) in block 1: [0.25, 0.0]."""
+    state2 = QuantState(torch.tensor([0.5]), DYNAMIC, 256, torch.Size([2]), torch.float32, "dynamic")
+    state = QuantState(torch.tensor([255, 127], dtype=torch.uint8), mq.NF4, 2, torch.Size([4]),
+                       torch.float32, offset=torch.tensor(0.25), state2=state2)
+    packed = torch.tensor([0xF0, 0xF7], dtype=torch.uint8)
+    assert mq.dequantize_4bit(packed, state, backend="emulate").tolist() == [0.75, -0.75, 0.25, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [2, 16, 32, 64, 256, 4096])
+def test_bit_identical_to_torch(emulation, dtype, nested, quant_type, blocksize):
+    """Sizes cover: one weight, an odd count, a partial last block, a partial last thread (the
+    scalar tail), exactly one thread (32), and several blocks of 256 threads (> 8192)."""
+    g = torch.Generator().manual_seed(blocksize)
+    for n in (1, 31, 32, 33, 1000, 20001):
+        x = torch.randn(n, generator=g) * 3
+        packed, state = mq.quantize_4bit(x, blocksize, quant_type, double_quant=nested)
+        assert_same(packed, state, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 70), log2_bs=st.integers(1, 9),
+       nested=st.booleans(), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([1e-6, 1.0, 1e4]))
+def test_bit_identical_any_shape(rows, cols, log2_bs, nested, dtype, scale):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 71 + cols)) * scale
+    packed, state = mq.quantize_4bit(x, 2 ** log2_bs, double_quant=nested)
+    assert_same(packed, state, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_ties_and_range(emulation, dtype):
+    """NF4[15] = 1.0, so every output is an absmax itself: pick absmaxes whose float32 bits sit
+    exactly halfway between two 16-bit values (ties go to the even one), float16 subnormals
+    (< 2^-14), values rounding to 0, 65519 (-> 65504) and 65520 (-> inf in float16)."""
+    ties = [0x3F808000, 0x3F818000, 0x3F801000, 0x3F803000, 0x33000000, 0x33000001, 0x387FE000,
+            0x38801000, 0x38803000, 0x2F800000, 0x477FEF00, 0x477FF000, 0x4B7FFF80]
+    absmax = torch.tensor(ties, dtype=torch.int32).view(torch.float32)
+    absmax = torch.cat([absmax, absmax * 3.0, absmax / 7.0])
+    state = QuantState(absmax, mq.NF4, 2, torch.Size([2 * absmax.numel()]), torch.float32)
+    packed = torch.full((absmax.numel(),), 0xF0, dtype=torch.uint8)     # (1.0, -1.0) per block
+    assert_same(packed, state, dtype)
+
+
+def test_float64_and_default_dtype(emulation):
+    x = torch.randn(7, 9, dtype=torch.float64)
+    packed, state = mq.quantize_4bit(x)
+    assert_same(packed, state, None)                                  # state.dtype = float64
+    assert mq.dequantize_4bit(packed, state, backend="emulate").dtype == torch.float64
+
+
+def test_workers_agree(emulation):
+    """1, 2 and more CPU workers than blocks split the grid differently, same bits."""
+    packed, state = mq.quantize_4bit(torch.randn(70000), 64)
+    outs = []
+    for workers in (1, 2, 64):
+        out = torch.empty(70000, dtype=torch.bfloat16)
+        cuda._launch_emulation(packed, state, out.view(torch.int16), "bf16", n_workers=workers)
+        outs.append(bits(out))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[0], bits(mq.dequantize_4bit(packed, state, torch.bfloat16, backend="torch")))
+
+
+def test_edited_source_is_rebuilt(emulation):
+    """The build is keyed by the source text: 32 bytes per thread is a new library, a grid of
+    half as many blocks, and still the same bits."""
+    source = cuda.kernel_source().replace("#define BYTES_PER_THREAD 16", "#define BYTES_PER_THREAD 32")
+    assert cuda.geometry(source) == (256, 32)
+    assert cuda.build_emulation(source) is not emulation
+    packed, state = mq.quantize_4bit(torch.randn(50001), 64)
+    out = torch.empty(50001)
+    cuda._launch_emulation(packed, state, out, "f32", source=source)
+    assert torch.equal(out, mq.dequantize_4bit(packed, state, backend="torch"))
+
+
+def test_matches_bitsandbytes(emulation):
+    """bitsandbytes' own quantized bytes and state, decoded by our kernel = its dequantize."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(300, 129, generator=torch.Generator().manual_seed(3))
+    for nested in (False, True):
+        p, s = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        state = QuantState(s.absmax, s.code, 64, s.shape, s.dtype)
+        if nested:
+            state.offset = s.offset
+            state.state2 = QuantState(s.state2.absmax, s.state2.code, 256, s.absmax.shape, torch.float32)
+        out = mq.dequantize_4bit(p.reshape(-1), state, backend="emulate")
+        assert torch.equal(out, F.dequantize_4bit(p, s))
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    packed, state = mq.quantize_4bit(torch.randn(10))
+    monkeypatch.setattr(cuda, "build_emulation", lambda *a: pytest.fail("auto compiled on CPU"))
+    assert torch.equal(mq.dequantize_4bit(packed, state), mq.dequantize_4bit(packed, state, backend="torch"))
+
+
+def test_bad_input():
+    packed, state = mq.quantize_4bit(torch.randn(100), 64)
+    with pytest.raises(ValueError, match="unknown backend 'cupy'"):
+        mq.dequantize_4bit(packed, state, backend="cupy")
+    with pytest.raises(ValueError, match="expected 50 uint8 bytes"):
+        mq.dequantize_4bit(packed[:-1], state, backend="emulate")
+    with pytest.raises(ValueError, match="packed is on the CPU"):
+        mq.dequantize_4bit(packed, state, backend="cuda")
+    state.absmax = state.absmax[:1]                                     # would read past the end
+    with pytest.raises(ValueError, match="expected 2 uint8 qabsmax values"):
+        mq.dequantize_4bit(packed, state, backend="emulate")
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(cuda, "_BUILT", {})
+    packed, state = mq.quantize_4bit(torch.randn(10))
+    with pytest.raises(cuda.EmulationUnavailable, match="no C.. compiler found"):
+        mq.dequantize_4bit(packed, state, backend="emulate")
+
+
+def test_no_cupy_is_a_clear_error():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    packed, state = mq.quantize_4bit(torch.randn(10))
+    with pytest.raises(RuntimeError, match=re.escape('pip install -e ".[gpu]"')):
+        cuda._launch_cuda(packed, state, torch.empty(10), "f32")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_compiles_for_the_gpu(arch, tmp_path):
+    """nvcc builds the six kernels for Ampere and Hopper, and ptxas reports no register spills
+    (a spill would put the 32 outputs per chunk in slow local memory)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: cannot check that the kernel compiles for the GPU")
+    src = tmp_path / "dequant_nf4.cu"
+    src.write_text(cuda.kernel_source())
+    done = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+                           str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Compiling entry function") == 6
+    assert " 0 bytes spill stores" in done.stderr and not re.search(r" [1-9]\d* bytes spill", done.stderr)
+    ptx = tmp_path / "k.ptx"
+    subprocess.run(["nvcc", f"-arch={arch}", "--ptx", "-o", str(ptx), str(src)], check=True)
+    entries = re.findall(r"\.entry (\w+)", ptx.read_text())
+    assert sorted(entries) == sorted(f"dequant_4bit_{d}{n}" for d in ("f32", "bf16", "f16") for n in ("", "_nested"))
+
+
+# ---- on a GPU (tests/gpu_check.sh): skipped without CUDA and CuPy ------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [2, 16, 32, 64, 128, 256, 1024, 4096])
+def test_gpu_bit_identical(dtype, nested, blocksize):
+    pytest.importorskip("cupy")
+    g = torch.Generator().manual_seed(blocksize)
+    for n in (1, 33, 8191, 8193, 1_000_003):
+        for quant_type in ("nf4", "fp4", "int4"):
+            packed, state = mq.quantize_4bit(torch.randn(n, generator=g).cuda(), blocksize, quant_type,
+                                             double_quant=nested)
+            assert_same(packed, state, dtype, backend="cuda")
+            assert torch.equal(bits(mq.dequantize_4bit(packed, state, dtype).cpu()),      # auto -> cuda
+                               bits(mq.dequantize_4bit(packed.cpu(), state.to("cpu"), dtype, backend="emulate")))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_stream_and_misaligned_input():
+    """Runs on torch's current stream (a side stream here), and a packed view that does not
+    start on a 16-byte boundary is copied, not read misaligned."""
+    pytest.importorskip("cupy")
+    x = torch.randn(4096, 65, device="cuda")
+    packed, state = mq.quantize_4bit(x)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out = mq.dequantize_4bit(packed, state, torch.bfloat16, backend="cuda")
+    side.synchronize()
+    assert torch.equal(bits(out), bits(mq.dequantize_4bit(packed, state, torch.bfloat16, backend="torch")))
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8, device="cuda"), packed])[1:]
+    assert shifted.data_ptr() % 16
+    assert_same(shifted, state, torch.float16, backend="cuda")
