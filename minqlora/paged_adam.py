@@ -71,21 +71,29 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"PagedAdamW: a parameter is on {p.device} but the pager's device "
                              f"is {self.pager.device}; build Pager(..., device={str(p.device)!r})")
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        state = self.state[p]
-        state["step"] = torch.tensor(0.0, dtype=scalar)   # on CPU, as torch's AdamW keeps it
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = (self.pager.alloc(p.numel(), p.dtype) if self.is_paged
-                          else torch.zeros_like(p, memory_format=torch.preserve_format))
+        state = {"step": torch.tensor(0.0, dtype=scalar)}   # on CPU, as torch's AdamW keeps it
+        try:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = (self.pager.alloc(p.numel(), p.dtype) if self.is_paged
+                              else torch.zeros_like(p, memory_format=torch.preserve_format))
+        except OutOfBudget:
+            self.pager.free(state.get("exp_avg", ()))       # all or nothing
+            raise
+        self.state[p] = state
         return state
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step over every parameter with a gradient; returns closure's loss."""
+        """One AdamW step over every parameter with a gradient; returns closure's loss.
+
+        If the budget cannot hold one page of m and one of v beside the reserved bytes, it
+        raises OutOfBudget before anything is updated.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        chunks = []   # (param, flat param, flat grad, start, page of m, page of v, hyper)
+        work = []   # (param, state, hyperparameters of _adamw_update)
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]
             for p in group["params"]:
@@ -94,18 +102,38 @@ class PagedAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW: sparse gradients are not supported")
                 state = self.state[p] or self._init_state(p)
-                state["step"] += 1
-                step = state["step"].item()
-                hyper = (lr, group["weight_decay"], beta1, beta2, group["eps"],
-                         lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)
-                if not self.is_paged:
-                    _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
-                    continue
-                flat, grad = p.reshape(-1), p.grad.reshape(-1)   # (numel,) views if contiguous
-                start = 0
-                for pm, pv in zip(state["exp_avg"], state["exp_avg_sq"]):
-                    chunks.append((p, flat, grad, start, pm, pv, hyper))
-                    start += self.pager._size[pm][0]
+                step = (state["step"] + 1).item()           # as torch: step_t += 1; .item()
+                work.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
+                                        lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)))
+        if self.is_paged:
+            self._check_room([pair for _, s, _ in work
+                              for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
+        for p, state, hyper in work:
+            state["step"] += 1
+            if not self.is_paged:
+                _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
+        if self.is_paged:
+            self._paged_update(work)
+        return loss
+
+    def _check_room(self, pairs) -> None:
+        pager = self.pager
+        need = max((pager.nbytes(pm) + pager.nbytes(pv) for pm, pv in pairs), default=0)
+        if pager.evict and pager.reserved_bytes + need > pager.budget:
+            raise OutOfBudget(f"PagedAdamW.step: a page of exp_avg and one of exp_avg_sq ("
+                              f"{need} bytes) must fit on the device together, but the budget "
+                              f"is {pager.budget} bytes with {pager.reserved_bytes} reserved; "
+                              "nothing was updated")
+
+    def _paged_update(self, work) -> None:
+        """Run _adamw_update chunk by chunk: elements a..b of one parameter = one page of m, v."""
+        chunks = []   # (param, flat param, flat grad, start, page of m, page of v, hyper)
+        for p, state, hyper in work:
+            flat, grad = p.reshape(-1), p.grad.reshape(-1)   # (numel,) views if contiguous
+            start = 0
+            for pm, pv in zip(state["exp_avg"], state["exp_avg_sq"]):
+                chunks.append((p, flat, grad, start, pm, pv, hyper))
+                start += self.pager.nbytes(pm) // p.element_size()
         for i, (p, flat, grad, start, pm, pv, hyper) in enumerate(chunks):
             if i + 1 < len(chunks):
                 self.pager.prefetch(chunks[i + 1][4:6])      # the next chunk's pages of m, v
@@ -115,7 +143,6 @@ class PagedAdamW(torch.optim.Optimizer):
             last_chunk_of_p = i + 1 == len(chunks) or chunks[i + 1][0] is not p
             if last_chunk_of_p and flat.data_ptr() != p.data_ptr():   # p not contiguous
                 p.copy_(flat.view_as(p))
-        return loss
 
     def state_dict(self) -> dict:
         """torch AdamW's layout: {"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, ...}, a copy."""

@@ -70,6 +70,10 @@ class Pager:
         return {n: getattr(self, n) for n in ("page_ins", "page_outs", "bytes_moved",
                                               "resident_bytes", "reserved_bytes", "peak_bytes")}
 
+    def nbytes(self, pid: int) -> int:
+        """The size of page `pid` in bytes."""
+        return self._size[pid][2]
+
     def _log(self, event: str, nbytes: int) -> None:
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes + self.reserved_bytes)
         if self.timeline is not None:

@@ -207,8 +207,44 @@ def test_optimizer_needs_room_for_two_pages():
     w = torch.nn.Parameter(torch.ones(100))
     w.grad = torch.ones(100)
     opt = PagedAdamW([w], pager=Pager(60, page_bytes=40, device="cpu"))
-    with pytest.raises(OutOfBudget, match="use of 40 bytes does not fit the device budget of 60"):
+    with pytest.raises(OutOfBudget, match=r"\(80 bytes\) must fit on the device together, but "
+                                          r"the budget is 60 bytes with 0 reserved"):
         opt.step()
+    assert torch.equal(w, torch.ones(100))
+
+
+def test_step_that_cannot_fit_changes_nothing():
+    """A spike that leaves no room for a page of m plus one of v: step raises before touching
+    any parameter or step count; after release, training continues exactly like torch's."""
+    ref, model = small_model(), small_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **HYPER)
+    pager = Pager(256, page_bytes=64, device="cpu")
+    opt = PagedAdamW(model.parameters(), pager=pager, **HYPER)
+    train_step(ref, ref_opt, 0)
+    train_step(model, opt, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    pager.reserve(160)                                   # 96 bytes left < 2 pages of 64
+    with pytest.raises(OutOfBudget, match=r"\(128 bytes\) must fit .* budget is 256 bytes with "
+                                          r"160 reserved; nothing was updated"):
+        train_step(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(s["step"].item() == 1 for s in opt.state.values())
+    pager.release(160)
+    for step in range(1, 6):
+        train_step(ref, ref_opt, step)
+        train_step(model, opt, step)
+        assert_same(ref, model, step)
+
+
+def test_state_allocation_is_all_or_nothing():
+    w = torch.nn.Parameter(torch.ones(10))
+    w.grad = torch.ones(10)
+    pager = Pager(60, page_bytes=40, device="cpu", evict=False)   # m fits (40), v does not
+    opt = PagedAdamW([w], pager=pager)
+    with pytest.raises(OutOfBudget, match="alloc of 40 bytes"):
+        opt.step()
+    assert not opt.state.get(w) and pager.resident_bytes == 0
+    assert torch.equal(w, torch.ones(10))
 
 
 @settings(max_examples=40, deadline=None)
