@@ -37,7 +37,7 @@ def check_code(code, where: str) -> None:
                          f"got {code.numel()}")
     if not torch.isfinite(code).all() or code.min() < -1 or code.max() > 1:
         raise ValueError(f"{where}: code values must lie in [-1, 1], got range "
-                         f"[{code.min().item():.4g}, {code.max().item():.4g}]")
+                         f"[{code.min().item()!r}, {code.max().item()!r}]")
     if not (code[1:] > code[:-1]).all():
         raise ValueError(f"{where}: code must be sorted in strictly increasing order "
                          "(the nearest-code search uses midpoints between neighbours)")

@@ -55,7 +55,12 @@ DYNAMIC = dynamic_code()
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256):
-    """absmax (float32) -> (qabsmax uint8, absmax2 float32 per 256 absmaxes, offset float32)."""
+    """absmax (float32) -> (qabsmax uint8, absmax2 float32 per 256 absmaxes, offset float32).
+
+    >>> qabsmax, absmax2, offset = double_quantize(torch.tensor([1.0, 2.0, 3.0]))
+    >>> qabsmax.tolist(), absmax2.tolist(), offset.item()   # [-1, 0, 1] -> codes 0.99.., 0, 1
+    ([0, 127, 255], [1.0], 2.0)
+    """
     check_float(absmax, "double_quantize")
     offset = absmax.float().mean() if absmax.numel() else torch.zeros(())
     qabsmax, absmax2 = quantize_blockwise(absmax.float() - offset, DYNAMIC, blocksize)
@@ -63,7 +68,12 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256):
 
 
 def double_dequantize(qabsmax, absmax2, offset, blocksize: int = 256) -> torch.Tensor:
-    """Inverse of double_quantize: DYNAMIC[qabsmax] * absmax2[b] + offset, float32."""
+    """Inverse of double_quantize: DYNAMIC[qabsmax] * absmax2[b] + offset, float32.
+
+    >>> double_dequantize(torch.tensor([0, 127, 255], dtype=torch.uint8), torch.tensor([1.0]),
+    ...                   torch.tensor(2.0)).tolist()      # DYNAMIC[0] = -0.99297
+    [1.0070312023162842, 2.0, 3.0]
+    """
     return dequantize_blockwise(qabsmax, absmax2, DYNAMIC, blocksize=blocksize) + offset
 
 
@@ -96,14 +106,17 @@ class QuantState:
     def bits_per_param(self) -> float:
         """Storage bits per weight from the format: 4 + constants (4.5, or 4.127 when nested).
 
-        >>> QuantState(None, None, 64, torch.Size([1]), torch.float32).bits_per_param()
+        Per weight, as the paper counts it: the single float32 offset and a partial last block's
+        padding are left out (nbytes() counts what is really stored).
+
+        >>> quantize_4bit(torch.ones(64), double_quant=False)[1].bits_per_param()
         4.5
-        >>> QuantState(None, None, 64, torch.Size([1]), torch.float32, state2=True).bits_per_param()
+        >>> quantize_4bit(torch.ones(64), double_quant=True)[1].bits_per_param()
         4.126953125
         """
         if not self.nested:
             return 4 + 32 / self.blocksize
-        return 4 + 8 / self.blocksize + 32 / (self.blocksize * 256)
+        return 4 + 8 / self.blocksize + 32 / (self.blocksize * self.state2.blocksize)
 
     def nbytes(self) -> int:
         """Bytes actually stored for the constants (absmax or qabsmax, absmax2, offset)."""
@@ -145,7 +158,12 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None) -> torch.Tensor:
     """packed bytes + state -> the weight in state.shape, code[i] * absmax in float32, cast once
-    to `dtype` (default: the dtype that was quantized)."""
+    to `dtype` (default: the dtype that was quantized).
+
+    >>> packed, state = quantize_4bit(torch.tensor([0.5, -1.0, 0.0]), double_quant=False)
+    >>> [round(v, 4) for v in dequantize_4bit(packed, state).tolist()]   # NF4[12], NF4[0], NF4[7]
+    [0.4407, -1.0, 0.0]
+    """
     n = state.shape.numel()
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "

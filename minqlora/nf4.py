@@ -9,9 +9,10 @@ puts equal probability mass: at quantiles of N(0, 1), rescaled to [-1, 1].
 
 Why asymmetric (8 positive, 7 negative)? 4 bits give 16 codes, and we want an exact 0 (zero
 padding, ReLU'd and pruned weights must survive the round trip), which leaves 15 non-zero
-codes. Why offset = 0.9677083, not 1? norm.ppf(1) is infinite. The QLoRA authors pick the
-offset as the mean of the two good choices 1 - 1/(2*15) = 0.9667 and 1 - 1/(2*16) = 0.96875
-(half a bin in from the end, for 15 and 16 bins): (0.9667 + 0.96875) / 2 = 0.9677083.
+codes. Why offset = 0.9677083, not 1? norm.ppf(1) is infinite, so the last quantile must stop
+short of 1. The paper gives only the value; to 7 digits it is the mean of the two natural
+"half a bin in from the end" choices, 1 - 1/(2*15) = 0.96667 and 1 - 1/(2*16) = 0.96875
+(for 15 and 16 bins): (0.96667 + 0.96875) / 2 = 0.9677083. That is the usual account of it.
 Worked example: the 8 positive probabilities are 0.9677, 0.9092, 0.8508, ..., 0.5585. The
 largest quantile, norm.ppf(0.9677) = 1.8481, becomes 1.0 after dividing by the max; the next,
 norm.ppf(0.9092) = 1.3361, becomes 1.3361 / 1.8481 = 0.72296: bitsandbytes' 0.7229568.
@@ -53,7 +54,11 @@ CODES = {"nf4": NF4, "fp4": FP4, "int4": INT4}
 
 
 def get_code(quant_type: str) -> torch.Tensor:
-    """The codebook for "nf4", "fp4" or "int4" (a ValueError listing the choices otherwise)."""
+    """The codebook for "nf4", "fp4" or "int4" (a ValueError listing the choices otherwise).
+
+    >>> [round(v, 4) for v in get_code("int4")[:3].tolist()]
+    [-1.0, -0.8571, -0.7143]
+    """
     if quant_type not in CODES:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {sorted(CODES)}")
     return CODES[quant_type]
