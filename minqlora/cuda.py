@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -99,69 +100,78 @@ _BUILT = {}
 
 def _check_state(state, n, device):
     """The kernel trusts the state's sizes: check them here, a wrong one would read past the end."""
-    bs = state.blocksize
-    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
-        raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2, got {bs!r}")
-    if state.code.numel() > 16:
-        raise ValueError(f"dequantize_4bit: a 4-bit code has at most 16 values, got {state.code.numel()}")
-    n_blocks, want = -(-n // bs), torch.uint8 if state.nested else None
-    if state.absmax.numel() != n_blocks or (want and state.absmax.dtype != want):
-        raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if want else ''}absmax "
-                         f"values for {n} weights at blocksize {bs}, got {state.absmax.numel()}")
+    bs, n_blocks = state.blocksize, -(-n // state.blocksize)
+    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1) or state.code.numel() > 16:
+        raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2 (got {bs!r}) and "
+                         f"the code at most 16 values (got {state.code.numel()})")
+    want = torch.uint8 if state.nested else state.absmax.dtype
+    if state.absmax.numel() != n_blocks or state.absmax.dtype != want:
+        raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if state.nested else ''}"
+                         f"absmax values for {n} weights at blocksize {bs}, got {state.absmax.numel()}")
     if state.nested and (state.state2.absmax.numel() != -(-n_blocks // state.state2.blocksize)
                          or state.state2.code.numel() != 256 or state.offset.numel() != 1):
-        raise ValueError("dequantize_4bit: nested state needs 256 dynamic-code values, one offset and "
-                         f"one absmax2 per {state.state2.blocksize} absmaxes")
-    tensors = [state.absmax, state.code] + ([state.offset, state.state2.absmax] if state.nested else [])
-    if any(t.device != device for t in tensors):
-        raise ValueError(f"dequantize_4bit: the state must be on {device} like packed (state.to({str(device)!r}))")
+        raise ValueError("dequantize_4bit: a nested state needs 256 dynamic-code values, one offset "
+                         f"and one absmax2 per {state.state2.blocksize} absmaxes")
+    nested = [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+    if any(t.device != device for t in [state.absmax, state.code] + nested):
+        raise ValueError(f"dequantize_4bit: the state must be on {device} like packed "
+                         f"(state.to({str(device)!r}))")
 
 
-def _arguments(packed, state, out):
-    """The kernel's argument list after the launch geometry: pointers into contiguous tensors."""
+def _kernel_args(packed, state, out):
+    """(kernel name, [7 input tensors or None, out], [n, log2(blocksize), log2(blocksize2)])."""
     n = state.shape.numel()
     _check_state(state, n, packed.device)
-    code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32), (0, 16 - state.code.numel()))
-    keep = [packed.contiguous(), code.contiguous()]             # (n_bytes,) uint8, (16,) float32
-    if state.nested:                                            # qabsmax, dynamic code, absmax2, offset
-        keep += [None, state.absmax.contiguous(), state.state2.code.float().contiguous(),
-                 state.state2.absmax.float().contiguous(), state.offset.float().reshape(1)]
-        log2_bs2 = state.state2.blocksize.bit_length() - 1
-    else:
-        keep += [state.absmax.float().contiguous(), None, None, None, None]
-        log2_bs2 = 0
-    if keep[0].data_ptr() % 16:                                 # the kernel loads 16 bytes at once
-        keep[0] = keep[0].clone()
-    return keep + [out, n, state.blocksize.bit_length() - 1, log2_bs2]
+    code = torch.nn.functional.pad(state.code.float(), (0, 16 - state.code.numel()))  # (16,) f32
+    packed = packed.reshape(-1) if packed.data_ptr() % 16 == 0 else packed.reshape(-1).clone()
+    if state.nested:        # qabsmax (n_blocks,) u8, dynamic code (256,), absmax2, offset (1,)
+        s2 = state.state2
+        tensors = [packed, code, None, state.absmax, s2.code.float(), s2.absmax.float(),
+                   state.offset.float().reshape(1)]
+    else:                   # absmax (n_blocks,) float32
+        tensors = [packed, code, state.absmax.float(), None, None, None, None]
+    tensors = [t if t is None else t.contiguous() for t in tensors]
+    bits = out if out.dtype == torch.float32 else out.view(torch.int16)  # 16-bit outputs as bits
+    log2_bs2 = state.state2.blocksize.bit_length() - 1 if state.nested else 0
+    name = f"dequant_4bit_{SUFFIX[out.dtype]}{'_nested' if state.nested else ''}"
+    return name, tensors + [bits], [n, state.blocksize.bit_length() - 1, log2_bs2]
 
 
-def _launch_emulation(packed, state, out, suffix, source=None, n_workers=None):
-    lib, (threads, per_thread) = build_emulation(source), geometry(source or kernel_source())
-    args = _arguments(packed, state, out)
-    grid = -(-args[-3] // (threads * 2 * per_thread))
-    ptrs = [ctypes.c_void_p(t.data_ptr() if t is not None else None) for t in args[:-3]]
-    fn = getattr(lib, f"launch_dequant_4bit_{suffix}{'_nested' if state.nested else ''}")
-    fn(ctypes.c_longlong(grid), ctypes.c_int(threads), ctypes.c_int(n_workers or torch.get_num_threads()),
-       *ptrs, ctypes.c_longlong(args[-3]), ctypes.c_int(args[-2]), ctypes.c_int(args[-1]))
+def _grid(n: int, source: str) -> tuple[int, int]:
+    threads, per_thread = geometry(source)
+    return -(-n // (threads * 2 * per_thread)), threads     # blocks, threads per block
 
 
-def _launch_cuda(packed, state, out, suffix):
-    """The kernel on packed's GPU, on torch's current stream, tensors passed without copies."""
+def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:
+    """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16), every
+    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's)."""
+    source = kernel_source() if source is None else source
+    name, tensors, ints = _kernel_args(packed, state, out)
+    blocks, threads = _grid(ints[0], source)
+    pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
+    getattr(build_emulation(source), f"launch_{name}")(
+        ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers or torch.get_num_threads()),
+        *pointers, ctypes.c_longlong(ints[0]), ctypes.c_int(ints[1]), ctypes.c_int(ints[2]))
+
+
+def launch_cuda(packed, state, out) -> None:
+    """Run the kernel on packed's GPU into `out`, on torch's current stream; tensors go to CuPy
+    through DLPack (no copies). Never run by its author: see tests/gpu_check.sh."""
     try:
         import cupy
     except ImportError as e:
-        raise RuntimeError("dequantize_4bit(backend='cuda') needs CuPy: `pip install -e \".[gpu]\"` "
-                           f"(cupy-cuda12x) ({e})") from None
-    source, (threads, per_thread) = kernel_source(), geometry(kernel_source())
-    module = _MODULES.get(source) or _MODULES.setdefault(source, cupy.RawModule(code=source, options=("--std=c++14",)))
-    args = _arguments(packed, state, out)
-    grid = -(-args[-3] // (threads * 2 * per_thread))
-    ints = [cupy.int64(args[-3]), cupy.int32(args[-2]), cupy.int32(args[-1])]
-    null = cupy.empty(0, cupy.uint8)                            # for the pointers a variant ignores
-    arrays = [null if t is None else cupy.from_dlpack(t) for t in args[:-3]]
-    with cupy.cuda.Device(packed.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(packed.device).cuda_stream):
-        module.get_function(f"dequant_4bit_{suffix}{'_nested' if state.nested else ''}")(
-            (grid,), (threads,), (*arrays, *ints))
+        raise RuntimeError("dequantize_4bit(backend='cuda') needs CuPy: pip install -e \".[gpu]\" "
+                           f"(cupy-cuda12x for CUDA 12) [{e}]") from None
+    source = kernel_source()
+    if source not in _MODULES:
+        _MODULES[source] = cupy.RawModule(code=source, options=("--std=c++14",))
+    name, tensors, ints = _kernel_args(packed, state, out)
+    blocks, threads = _grid(ints[0], source)
+    stream = torch.cuda.current_stream(packed.device).cuda_stream
+    with cupy.cuda.Device(packed.device.index), cupy.cuda.ExternalStream(stream):
+        arrays = [cupy.empty(0, cupy.uint8) if t is None else cupy.from_dlpack(t) for t in tensors]
+        scalars = [cupy.int64(ints[0]), cupy.int32(ints[1]), cupy.int32(ints[2])]
+        _MODULES[source].get_function(name)((blocks,), (threads,), (*arrays, *scalars))
 
 
 _MODULES = {}
@@ -180,7 +190,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     if backend not in BACKENDS:
         raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        backend = "cuda" if packed.is_cuda and _cupy_importable() else "torch"
+        backend = "cuda" if packed.is_cuda and find_spec("cupy") is not None else "torch"
     if backend == "torch":
         return dequantize_4bit_torch(packed, state, dtype)
     dtype = dtype or state.dtype
@@ -195,14 +205,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
         raise ValueError(f"dequantize_4bit(backend='emulate'): needs CPU tensors, got {packed.device}")
     kernel_dtype = dtype if dtype in SUFFIX else torch.float32  # float64: exact cast of float32
     out = torch.empty(n, dtype=kernel_dtype, device=packed.device)  # (n,)
-    bits = out if kernel_dtype == torch.float32 else out.view(torch.int16)  # CuPy has no bf16
-    (_launch_cuda if backend == "cuda" else _launch_emulation)(packed, state, bits, SUFFIX[kernel_dtype])
+    (launch_cuda if backend == "cuda" else launch_emulation)(packed, state, out)
     return out.to(dtype).reshape(state.shape)
 
-
-def _cupy_importable() -> bool:
-    try:
-        import cupy  # noqa: F401
-        return True
-    except ImportError:
-        return False

@@ -111,7 +111,7 @@ def test_workers_agree(emulation):
     outs = []
     for workers in (1, 2, 64):
         out = torch.empty(70000, dtype=torch.bfloat16)
-        cuda._launch_emulation(packed, state, out.view(torch.int16), "bf16", n_workers=workers)
+        cuda.launch_emulation(packed, state, out, n_workers=workers)
         outs.append(bits(out))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.equal(outs[0], bits(mq.dequantize_4bit(packed, state, torch.bfloat16, backend="torch")))
@@ -125,7 +125,7 @@ def test_edited_source_is_rebuilt(emulation):
     assert cuda.build_emulation(source) is not emulation
     packed, state = mq.quantize_4bit(torch.randn(50001), 64)
     out = torch.empty(50001)
-    cuda._launch_emulation(packed, state, out, "f32", source=source)
+    cuda.launch_emulation(packed, state, out, source=source)
     assert torch.equal(out, mq.dequantize_4bit(packed, state, backend="torch"))
 
 
@@ -178,7 +178,7 @@ def test_no_cupy_is_a_clear_error():
         pass
     packed, state = mq.quantize_4bit(torch.randn(10))
     with pytest.raises(RuntimeError, match=re.escape('pip install -e ".[gpu]"')):
-        cuda._launch_cuda(packed, state, torch.empty(10), "f32")
+        cuda.launch_cuda(packed, state, torch.empty(10))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

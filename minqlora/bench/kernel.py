@@ -1,0 +1,112 @@
+"""bench section `kernel`: the 4-bit dequantization kernel (lesson 05) beside its references.
+
+CPU: kernels/dequant_nf4.cu run by the CPU emulation, the torch path, and bitsandbytes' CPU
+dequantize_4bit, on a 4096x4096 NF4 weight (double quantized, as QLoRA stores it).
+GPU (only where CUDA is available): the kernel through CuPy, the torch path and bitsandbytes,
+as effective bandwidth = (bytes read + bytes written) / time and its fraction of the device's
+peak (memory clock x bus width from the CUDA runtime), for 4096x4096 and 8192x8192.
+"""
+import torch
+
+import minqlora as mq
+from minqlora.bench import best_time, optional, print_table
+from minqlora.cuda import EmulationUnavailable, build_emulation
+
+
+def traffic(n: int, nested: bool, dtype: torch.dtype) -> int:
+    """Bytes a dequantization moves for n weights at blocksize 64: packed + constants + output.
+
+    >>> traffic(4096 * 4096, True, torch.bfloat16)   # 8 MiB + 256 KiB + 4 KiB + 4 B + 32 MiB
+    42209284
+    """
+    constants = n // 64 + 4 * (n // 64 // 256) + 4 if nested else 4 * (n // 64)
+    return n // 2 + constants + n * torch.finfo(dtype).bits // 8
+
+
+def _bnb_pair(bnb, w, nested):
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                 compress_statistics=nested)
+    return lambda: bnb.functional.dequantize_4bit(packed, state)
+
+
+def run_cpu(quick: bool = False) -> None:
+    bnb, repeat = optional("bitsandbytes"), 3 if quick else 7
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+    try:
+        build_emulation()
+        emulate = True
+    except EmulationUnavailable as e:
+        print(f"\n[kernel] emulation skipped: {e}")
+        emulate = False
+    rows = []
+    for nested in (True, False):
+        for dtype in (torch.bfloat16, torch.float32):
+            packed, state = mq.quantize_4bit(w.to(dtype), 64, double_quant=nested)
+            fns = {"torch": lambda: mq.dequantize_4bit(packed, state, backend="torch")}
+            if emulate:
+                fns["emulate (.cu on CPU)"] = lambda: mq.dequantize_4bit(packed, state, backend="emulate")
+            if bnb is not None:
+                fns["bitsandbytes"] = _bnb_pair(bnb, w.to(dtype), nested)
+            times = {name: best_time(fn, repeat=repeat) for name, fn in fns.items()}
+            ref = times.get("bitsandbytes")
+            for name, t in times.items():
+                rows.append([name, "nested" if nested else "plain", str(dtype)[6:], f"{t * 1e3:.1f}",
+                             f"{traffic(w.numel(), nested, dtype) / t / 1e9:.2f}",
+                             f"{t / ref:.2f}x" if ref else "-"])
+    print_table(f"kernel (CPU, {torch.get_num_threads()} threads): dequantize 4096x4096 NF4",
+                ["backend", "absmax", "out", "ms", "GB/s", "time / bnb"], rows)
+
+
+def _cuda_time(fn, repeat: int) -> float:
+    """Best of `repeat` CUDA-event timings of fn() in seconds, after a warmup."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def peak_bandwidth() -> float:
+    """The device's peak memory bandwidth in bytes/s from the CUDA runtime (via CuPy), or nan."""
+    cupy = optional("cupy")
+    if cupy is None:
+        return float("nan")
+    props = cupy.cuda.runtime.getDeviceProperties(torch.cuda.current_device())
+    return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8   # DDR: 2 per clock
+
+
+def run_gpu(quick: bool = False) -> None:
+    if not torch.cuda.is_available():
+        print("\n[kernel] GPU section: no CUDA GPU on this machine, skipped")
+        return
+    bnb, peak, repeat, rows = optional("bitsandbytes"), peak_bandwidth(), 10 if quick else 50, []
+    has_cupy = optional("cupy") is not None
+    for side in (4096, 8192):
+        w = torch.randn(side, side, device="cuda", dtype=torch.bfloat16)
+        packed, state = mq.quantize_4bit(w, 64, double_quant=True)
+        fns = {"torch": lambda: mq.dequantize_4bit(packed, state, backend="torch")}
+        if has_cupy:
+            fns["cuda kernel"] = lambda: mq.dequantize_4bit(packed, state, backend="cuda")
+        if bnb is not None:
+            fns["bitsandbytes"] = _bnb_pair(bnb, w, True)
+        copy_src = torch.empty(traffic(w.numel(), True, torch.bfloat16) // 2, dtype=torch.uint8, device="cuda")
+        fns["copy (same bytes)"] = lambda: copy_src.clone()            # reads + writes the same total
+        for name, fn in fns.items():
+            t = _cuda_time(fn, repeat)
+            gbs = traffic(w.numel(), True, torch.bfloat16) / t
+            rows.append([name, f"{side}x{side}", f"{t * 1e6:.1f}", f"{gbs / 1e9:.0f}", f"{gbs / peak:.0%}"])
+    name = torch.cuda.get_device_name()
+    print_table(f"kernel (GPU, {name}, peak {peak / 1e9:.0f} GB/s): NF4 nested -> bf16",
+                ["backend", "shape", "us", "GB/s", "of peak"], rows)
+    if not has_cupy:
+        print('[kernel] CuPy is not installed: the cuda kernel row needs `pip install -e ".[gpu]"`')
+
+
+def run(quick: bool = False) -> None:
+    run_cpu(quick)
+    run_gpu(quick)
