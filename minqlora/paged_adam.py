@@ -36,10 +36,14 @@ def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW with its state in pages of `pager` (a Pager with no budget if None).
+    """AdamW with its state in pages of `pager` (None: a Pager with no budget on the
+    parameters' device, so nothing is ever evicted; pass one with a budget to page).
 
     is_paged=False keeps plain state tensors (same numerics). state_dict() has torch AdamW's
-    layout (whole exp_avg / exp_avg_sq tensors), read from wherever the pages are.
+    layout (whole exp_avg / exp_avg_sq tensors, read from wherever the pages are), so it loads
+    into torch.optim.AdamW and back. Float hyperparameters only; no amsgrad, maximize, fused
+    or capturable. On CPU the device is simulated (see pager.py); on CUDA the step prefetches
+    the next chunk's pages on a side stream, a path that has not been run on a GPU yet.
 
     >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     >>> opt = PagedAdamW([w], lr=0.1, weight_decay=0.0)
@@ -150,7 +154,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if self.is_paged:
             params = [p for group in self.param_groups for p in group["params"]]
             sd["state"] = {i: {"step": s["step"].clone(),
-                               **{k: self._gather(s[k], params[i]) for k in ("exp_avg", "exp_avg_sq")}}
+                               "exp_avg": self._gather(s["exp_avg"], params[i]),
+                               "exp_avg_sq": self._gather(s["exp_avg_sq"], params[i])}
                            for i, s in sd["state"].items()}
         return sd
 

@@ -1,4 +1,4 @@
-"""Pager: fixed-size pages that live on the device while they fit, in host memory when not (lesson 08).
+"""Pager: fixed-size pages on the device while they fit, in host memory when not (lesson 08).
 
 QLoRA's paged optimizers put their state in CUDA unified memory: when a memory spike (a long
 batch's activations) fills the GPU, pages of optimizer state move to CPU memory and come back
@@ -32,6 +32,7 @@ class OutOfBudget(RuntimeError):
 class Pager:
     """Pages of 1-D tensors under a device budget; LRU eviction to host memory.
 
+    page_bytes defaults to 2 MiB, the large page of CUDA unified memory.
     device_budget_bytes=None means no limit. evict=False turns paging off (a plain GPU: a
     request that does not fit raises). timeline=True records (event, nbytes, resident,
     reserved) for each page-in/out, alloc, free, reserve, release and mark.
@@ -40,9 +41,11 @@ class Pager:
     >>> pages = pager.alloc(6)                       # 6 float32 = 3 pages of 2
     >>> pager.reserve(16); pager.stats()["page_outs"], pager.resident_bytes
     (1, 16)
-    >>> with pager.use(pages) as (a, b, c): a.shape  # the spike holds 16: c's room is taken
+    >>> with pager.use(pages) as (a, b, c): a.shape  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    minqlora.pager.OutOfBudget: Pager: use of 8 bytes does not fit the device budget of 32 bytes: 16 reserved, 16 resident (16 of them in use now), so at most 0 bytes can be evicted
+    minqlora.pager.OutOfBudget: Pager: use of 8 bytes does not fit the device budget of 32 bytes: ...
+
+    (a is out; b and c are in use and 16 bytes are reserved: nothing can be evicted for a.)
     """
 
     def __init__(self, device_budget_bytes, page_bytes: int = 1 << 21, device=None,

@@ -65,7 +65,8 @@ def test_bit_identical_with_paging_forced_every_step():
 
 def test_bit_identical_with_lr_scheduler_and_param_groups():
     ref, model = small_model(), small_model()
-    groups = lambda m: [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 3e-2}]  # noqa: E731
+    def groups(m):
+        return [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 3e-2}]
     ref_opt = torch.optim.AdamW(groups(ref), foreach=False, **HYPER)
     opt = PagedAdamW(groups(model), pager=Pager(200, page_bytes=40, device="cpu"), **HYPER)
     scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[2e-2, 5e-2], total_steps=50)
