@@ -105,7 +105,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW: sparse gradients are not supported")
-                state = self.state[p] or self._init_state(p)
+                state = self.state.get(p) or self._init_state(p)
                 step = (state["step"] + 1).item()           # as torch: step_t += 1; .item()
                 work.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
                                         lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)))

@@ -244,7 +244,8 @@ def test_state_allocation_is_all_or_nothing():
     opt = PagedAdamW([w], pager=pager)
     with pytest.raises(OutOfBudget, match="alloc of 40 bytes"):
         opt.step()
-    assert not opt.state.get(w) and pager.resident_bytes == 0
+    assert w not in opt.state and pager.resident_bytes == 0
+    assert opt.state_dict()["state"] == {}
     assert torch.equal(w, torch.ones(10))
 
 
