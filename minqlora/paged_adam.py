@@ -139,9 +139,9 @@ class PagedAdamW(torch.optim.Optimizer):
                 chunks.append((p, flat, grad, start, pm, pv, hyper))
                 start += self.pager.nbytes(pm) // p.element_size()
         for i, (p, flat, grad, start, pm, pv, hyper) in enumerate(chunks):
-            if i + 1 < len(chunks):
-                self.pager.prefetch(chunks[i + 1][4:6])      # the next chunk's pages of m, v
             with self.pager.use((pm, pv)) as (m, v):         # m, v: (n,) on the device
+                if i + 1 < len(chunks):                      # next chunk's pages, while this
+                    self.pager.prefetch(chunks[i + 1][4:6])  # one updates (CUDA: side stream)
                 n = m.numel()
                 _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *hyper)
             last_chunk_of_p = i + 1 == len(chunks) or chunks[i + 1][0] is not p

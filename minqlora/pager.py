@@ -137,11 +137,11 @@ class Pager:
         >>> Pager(None, page_bytes=8, device="cpu").alloc(5)  # 2 + 2 + 1 float32
         (0, 1, 2)
         """
-        per = max(1, self.page_bytes // torch.empty((), dtype=dtype).element_size())
-        pids = []
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per, pids = max(1, self.page_bytes // itemsize), []
         for start in range(0, numel, per):
             n = min(per, numel - start)
-            nbytes = n * torch.empty((), dtype=dtype).element_size()
+            nbytes = n * itemsize
             self._make_room(nbytes, "alloc")
             pid, self._next = self._next, self._next + 1
             self._size[pid] = (n, dtype, nbytes)
