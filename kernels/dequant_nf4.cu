@@ -15,7 +15,12 @@
 //   With the defaults a block covers 256 * 32 = 8192 weights, so a 4096x4096 weight is a grid
 //   of 2048 blocks: enough to keep every SM of an H100/H200 busy for a few waves, while each
 //   thread has 16 bytes of loads and 64 (bf16) or 128 (fp32) bytes of stores in flight, which is
-//   what a memory-bound kernel needs to reach the bandwidth of HBM.
+//   what a memory-bound kernel needs to reach the bandwidth of HBM. The loads of a warp are one
+//   contiguous 512-byte run; its stores are 16-byte pieces 64 bytes apart that the L2 cache merges
+//   into full lines (an interleaved layout would make each store instruction contiguous too).
+//
+// Status: compiled with nvcc for sm_80 / sm_90 and with NVRTC, and run bit-exactly on the CPU
+// through the emulation below; NOT yet run on a GPU (tests/gpu_check.sh does that).
 //
 // Where the tables live:
 //   * the 16-entry code sits in shared memory: every thread looks up a *different* entry, and

@@ -72,17 +72,17 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     source = kernel_source() if source is None else source
     files = {"dequant_nf4.cu": source, "cuda_shim.h": kernel_source("cuda_shim.h"),
              "emulate.cpp": kernel_source("emulate.cpp")}
-    cxx = next(filter(None, map(shutil.which, [os.environ.get("CXX", ""), "c++", "g++", "clang++"])), None)
+    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    cxx = next(filter(None, map(shutil.which, names)), None)
     if cxx is None:
         raise EmulationUnavailable("dequantize_4bit(backend='emulate'): no C++ compiler found "
                                    "(looked for $CXX, c++, g++, clang++); install one, e.g. "
                                    "`apt install g++`, or use backend='torch'")
     key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, cxx)).encode()).hexdigest()[:16]
     if key not in _BUILT:
-        cache = Path(os.environ.get("MINQLORA_CACHE", Path.home() / ".cache" / "minqlora"))
+        cache = _cache_dir()
         lib = cache / f"dequant_emulate_{key}.so"
         if not lib.exists():
-            cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 for name, text in files.items():
                     Path(tmp, name).write_text(text)
@@ -98,6 +98,19 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
 _BUILT = {}
 
 
+def _cache_dir() -> Path:
+    """$MINQLORA_CACHE, else ~/.cache/minqlora, else (home not writable) a temp dir."""
+    for path in (os.environ.get("MINQLORA_CACHE"), Path.home() / ".cache" / "minqlora",
+                 Path(tempfile.gettempdir()) / "minqlora"):
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except (OSError, TypeError):           # TypeError: $MINQLORA_CACHE not set
+            continue
+        if os.access(path, os.W_OK):
+            return Path(path)
+    raise RuntimeError("dequantize_4bit(backend='emulate'): no writable cache directory")
+
+
 def _check_state(state, n, device):
     """The kernel trusts the state's sizes: check them here, a wrong one would read past the end."""
     bs, n_blocks = state.blocksize, -(-n // state.blocksize)
@@ -107,11 +120,12 @@ def _check_state(state, n, device):
     want = torch.uint8 if state.nested else state.absmax.dtype
     if state.absmax.numel() != n_blocks or state.absmax.dtype != want:
         raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if state.nested else ''}"
-                         f"absmax values for {n} weights at blocksize {bs}, got {state.absmax.numel()}")
+                         f"absmax values for {n} weights at blocksize {bs}, "
+                         f"got {state.absmax.numel()}")
     if state.nested and (state.state2.absmax.numel() != -(-n_blocks // state.state2.blocksize)
                          or state.state2.code.numel() != 256 or state.offset.numel() != 1):
-        raise ValueError("dequantize_4bit: a nested state needs 256 dynamic-code values, one offset "
-                         f"and one absmax2 per {state.state2.blocksize} absmaxes")
+        raise ValueError("dequantize_4bit: a nested state needs 256 dynamic-code values, one "
+                         f"offset and one absmax2 per {state.state2.blocksize} absmaxes")
     nested = [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
     if any(t.device != device for t in [state.absmax, state.code] + nested):
         raise ValueError(f"dequantize_4bit: the state must be on {device} like packed "
@@ -149,9 +163,9 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
     name, tensors, ints = _kernel_args(packed, state, out)
     blocks, threads = _grid(ints[0], source)
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
+    workers = n_workers or torch.get_num_threads()
     getattr(build_emulation(source), f"launch_{name}")(
-        ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers or torch.get_num_threads()),
-        *pointers, ctypes.c_longlong(ints[0]), ctypes.c_int(ints[1]), ctypes.c_int(ints[2]))
+        ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(workers), *pointers, ctypes.c_longlong(ints[0]), ctypes.c_int(ints[1]), ctypes.c_int(ints[2]))
 
 
 def launch_cuda(packed, state, out) -> None:
@@ -202,7 +216,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
         raise ValueError("dequantize_4bit(backend='cuda'): packed is on the CPU; move it and the "
                          "state to a GPU (.cuda(), state.to('cuda')) or use backend='emulate'")
     if backend == "emulate" and packed.device.type != "cpu":
-        raise ValueError(f"dequantize_4bit(backend='emulate'): needs CPU tensors, got {packed.device}")
+        raise ValueError("dequantize_4bit(backend='emulate'): needs CPU tensors, got "
+                         f"{packed.device}")
     kernel_dtype = dtype if dtype in SUFFIX else torch.float32  # float64: exact cast of float32
     out = torch.empty(n, dtype=kernel_dtype, device=packed.device)  # (n,)
     (launch_cuda if backend == "cuda" else launch_emulation)(packed, state, out)

@@ -181,6 +181,44 @@ def test_no_cupy_is_a_clear_error():
         cuda.launch_cuda(packed, state, torch.empty(10))
 
 
+def test_cuda_launch_plumbing(emulation, monkeypatch):
+    """launch_cuda's Python side without a GPU: a stand-in `cupy` whose kernel runs the CPU
+    emulation with exactly the grid, block and arguments launch_cuda passes. Catches a wrong
+    argument order, kernel name or grid; says nothing about the GPU itself (gpu_check.sh does)."""
+    import ctypes
+    import sys
+    import types
+    from contextlib import nullcontext
+
+    import numpy as np
+    launches = []
+
+    def get_function(name):
+        def run(grid, block, args):
+            launches.append((name, grid, block))
+            ptrs = [ctypes.c_void_p(a.data_ptr() if a.numel() else None) for a in args[:8]]
+            getattr(emulation, f"launch_{name}")(ctypes.c_longlong(grid[0]), ctypes.c_int(block[0]),
+                                                 ctypes.c_int(1), *ptrs, *(ctypes.c_longlong(int(args[8])),
+                                                 ctypes.c_int(int(args[9])), ctypes.c_int(int(args[10]))))
+        return run
+
+    fake = types.SimpleNamespace(
+        RawModule=lambda code, options: types.SimpleNamespace(get_function=get_function),
+        cuda=types.SimpleNamespace(Device=lambda i: nullcontext(), ExternalStream=lambda p: nullcontext()),
+        from_dlpack=lambda t: t, empty=lambda n, dtype: torch.empty(0, dtype=torch.uint8),
+        uint8=np.uint8, int32=np.int32, int64=np.int64)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cuda, "_MODULES", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    for nested in (False, True):
+        packed, state = mq.quantize_4bit(torch.randn(20001), 64, double_quant=nested)
+        for dtype in DTYPES:
+            out = torch.empty(20001, dtype=dtype)
+            cuda.launch_cuda(packed, state, out)
+            assert torch.equal(bits(out), bits(mq.dequantize_4bit(packed, state, dtype, backend="torch")))
+    assert launches[-1] == ("dequant_4bit_f16_nested", (3,), (256,))
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compiles_for_the_gpu(arch, tmp_path):
     """nvcc builds the six kernels for Ampere and Hopper, and ptxas reports no register spills

@@ -44,13 +44,15 @@ def run_cpu(quick: bool = False) -> None:
             packed, state = mq.quantize_4bit(w.to(dtype), 64, double_quant=nested)
             fns = {"torch": lambda: mq.dequantize_4bit(packed, state, backend="torch")}
             if emulate:
-                fns["emulate (.cu on CPU)"] = lambda: mq.dequantize_4bit(packed, state, backend="emulate")
+                fns["emulate (.cu on CPU)"] = lambda: mq.dequantize_4bit(packed, state,
+                                                                         backend="emulate")
             if bnb is not None:
                 fns["bitsandbytes"] = _bnb_pair(bnb, w.to(dtype), nested)
             times = {name: best_time(fn, repeat=repeat) for name, fn in fns.items()}
             ref = times.get("bitsandbytes")
             for name, t in times.items():
-                rows.append([name, "nested" if nested else "plain", str(dtype)[6:], f"{t * 1e3:.1f}",
+                rows.append([name, "nested" if nested else "plain", str(dtype)[6:],
+                             f"{t * 1e3:.1f}",
                              f"{traffic(w.numel(), nested, dtype) / t / 1e9:.2f}",
                              f"{t / ref:.2f}x" if ref else "-"])
     print_table(f"kernel (CPU, {torch.get_num_threads()} threads): dequantize 4096x4096 NF4",
@@ -94,12 +96,14 @@ def run_gpu(quick: bool = False) -> None:
             fns["cuda kernel"] = lambda: mq.dequantize_4bit(packed, state, backend="cuda")
         if bnb is not None:
             fns["bitsandbytes"] = _bnb_pair(bnb, w, True)
-        copy_src = torch.empty(traffic(w.numel(), True, torch.bfloat16) // 2, dtype=torch.uint8, device="cuda")
-        fns["copy (same bytes)"] = lambda: copy_src.clone()            # reads + writes the same total
+        half = traffic(w.numel(), True, torch.bfloat16) // 2
+        copy_src = torch.empty(half, dtype=torch.uint8, device="cuda")
+        fns["copy (same bytes)"] = lambda: copy_src.clone()            # reads + writes as many
         for name, fn in fns.items():
             t = _cuda_time(fn, repeat)
             gbs = traffic(w.numel(), True, torch.bfloat16) / t
-            rows.append([name, f"{side}x{side}", f"{t * 1e6:.1f}", f"{gbs / 1e9:.0f}", f"{gbs / peak:.0%}"])
+            rows.append([name, f"{side}x{side}", f"{t * 1e6:.1f}", f"{gbs / 1e9:.0f}",
+                         f"{gbs / peak:.0%}"])
     name = torch.cuda.get_device_name()
     print_table(f"kernel (GPU, {name}, peak {peak / 1e9:.0f} GB/s): NF4 nested -> bf16",
                 ["backend", "shape", "us", "GB/s", "of peak"], rows)
