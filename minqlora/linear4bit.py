@@ -39,12 +39,9 @@ _FLOAT_BUFFERS = ("code", "absmax", "absmax2", "offset")   # float32 always, wha
 def make_state(layout: tuple, code, absmax, absmax2=None, offset=None) -> QuantState:
     """QuantState from a layer's layout (shape, blocksize, quant_type, dtype) and buffers."""
     shape, blocksize, quant_type, dtype = layout
-    state = QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type)
-    if absmax2 is not None:                                     # nested: absmax holds qabsmax
-        state.offset = offset
-        state.state2 = QuantState(absmax2, DYNAMIC.to(absmax2.device), 256, absmax.shape,
-                                  torch.float32, "dynamic")
-    return state
+    state2 = None if absmax2 is None else QuantState(     # nested: absmax holds qabsmax
+        absmax2, DYNAMIC.to(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
+    return QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type, offset, state2)
 
 
 class Linear4bitFunction(torch.autograd.Function):
@@ -101,15 +98,13 @@ class Linear4bit(nn.Module):
         self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
         self.compute_dtype, self.weight_dtype = compute_dtype, weight.dtype
         packed, state = quantize_4bit(weight, blocksize, quant_type, double_quant)
-        self.register_buffer("weight_packed", packed)             # uint8 buffers first, then
-        if double_quant:                                           # floats (see _apply)
-            self.register_buffer("qabsmax", state.absmax)
-            self.register_buffer("code", state.code.to(packed.device))
-            self.register_buffer("absmax2", state.state2.absmax)
-            self.register_buffer("offset", state.offset.to(packed.device))
+        if double_quant:                           # uint8 first, then float32 (see _apply)
+            buffers = dict(weight_packed=packed, qabsmax=state.absmax, code=state.code,
+                           absmax2=state.state2.absmax, offset=state.offset)
         else:
-            self.register_buffer("code", state.code.to(packed.device))
-            self.register_buffer("absmax", state.absmax)
+            buffers = dict(weight_packed=packed, code=state.code, absmax=state.absmax)
+        for name, t in buffers.items():            # clone: the code is a shared global table
+            self.register_buffer(name, t.to(packed.device).clone())
         self.bias = None
         if bias:
             self.bias = nn.Parameter(init.bias.detach() if init is not None else

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from minqlora import Linear4bit, dequantize_4bit, quantize_4bit
+from minqlora import FP4, NF4, Linear4bit, dequantize_4bit, quantize_4bit
 from minqlora.linear4bit import Linear4bitFunction
 
 from conftest import gaussian
@@ -100,6 +100,15 @@ def test_state_dict_round_trips_bit_for_bit():
         assert a.dtype == b.dtype and torch.equal(a, b), name
     x = gaussian((3, 64), seed=9)
     assert torch.equal(layer(x), other(x))
+
+
+def test_loading_a_checkpoint_never_writes_into_the_shared_code_tables():
+    """The code buffer is a copy: load_state_dict copies in place, and the NF4 table is global."""
+    nf4_before = NF4.clone()
+    layer = Linear4bit(64, 8, quant_type="nf4")
+    assert layer.code.data_ptr() != NF4.data_ptr()
+    layer.load_state_dict(Linear4bit(64, 8, quant_type="fp4").state_dict())
+    assert torch.equal(layer.code, FP4) and torch.equal(NF4, nf4_before)
 
 
 def test_state_dict_keys_depend_on_double_quant():
