@@ -78,8 +78,12 @@ def peak_bandwidth() -> float:
     cupy = optional("cupy")
     if cupy is None:
         return float("nan")
-    props = cupy.cuda.runtime.getDeviceProperties(torch.cuda.current_device())
-    return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8   # DDR: 2 per clock
+    try:       # cudaDevAttrMemoryClockRate (kHz) = 36, cudaDevAttrGlobalMemoryBusWidth (bits) = 37
+        clock_khz, bus_bits = (cupy.cuda.runtime.deviceGetAttribute(a, torch.cuda.current_device())
+                               for a in (36, 37))
+    except Exception:
+        return float("nan")
+    return 2 * clock_khz * 1e3 * bus_bits / 8                  # double data rate: 2 per clock
 
 
 def run_gpu(quick: bool = False) -> None:
