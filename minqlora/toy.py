@@ -21,7 +21,7 @@ problems, 1,000 of them held out.
 This module builds the base model; the fine-tuning experiment is in finetune.py (re-exported
 here as `finetune`), the quantization in double_quant.py, the adapters in lora.py / qlora.py.
 """
-import copy
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,18 @@ def evaluate(model: nn.Module, seqs: torch.Tensor) -> tuple[float, float]:
     return loss.item(), correct.float().mean().item()
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread inside the block: for 64 x 128 matrices a second thread only adds
+    waiting (and, on a busy machine, spinning). The previous setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(model, seqs, params, optimizer, steps, batch_size, seed, desc="train", progress=False,
           scheduler=None, heldout=None, eval_every=0):
     """`steps` of training on random batches of seqs; returns (loss per step, held-out curve).
@@ -146,37 +158,39 @@ def train(model, seqs, params, optimizer, steps, batch_size, seed, desc="train",
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     losses, curve = [], []
-    for step in tqdm(range(steps + 1), desc=desc, disable=not progress, leave=False):
-        if heldout is not None and (step % max(eval_every, 1) == 0 or step == steps):
-            curve.append((step, evaluate(model, heldout)[0]))
-        if step == steps:
-            break
-        model.train()
-        batch = seqs[torch.randint(len(seqs), (batch_size,), generator=gen)]   # (batch, 9)
-        loss, _ = answer_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
+    with one_thread():
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            if heldout is not None and step % max(eval_every, 1) == 0:
+                curve.append((step, evaluate(model, heldout)[0]))
+            model.train()
+            batch = seqs[torch.randint(len(seqs), (batch_size,), generator=gen)]   # (batch, 9)
+            loss, _ = answer_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+        if heldout is not None:
+            curve.append((steps, evaluate(model, heldout)[0]))
     return losses, curve
 
 
 def pretrain(seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 5e-3,
-             config: dict = CONFIG, progress: bool = False) -> ToyLM:
+             config: dict = CONFIG, progress: bool = False, device="cpu") -> ToyLM:
     """The base model: ToyLM trained on "add" for `steps` AdamW steps, deterministic for `seed`.
 
     The global RNG is left as it was. `model.pretrain_losses` keeps the loss curve.
+    device="cuda" trains on a GPU (NOT run on one yet; the init is always drawn on the CPU).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = ToyLM(config)
+        model = ToyLM(config).to(device)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    data = make_data("add", seed)
+    data = {k: v.to(device) for k, v in make_data("add", seed).items()}
     model.pretrain_losses, _ = train(model, data["train"], params, opt, steps, batch_size, seed,
                                   "pretrain", progress, sched)
     return model.eval()
