@@ -49,6 +49,7 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
     """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not _matches(name, exclude)
@@ -58,9 +59,10 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
         raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
                          f"(exclude={exclude!r}, layers already adapted are skipped); the model's "
                          f"linears are {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)]}")
+    layers = [(name, LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha, dropout))
+              for name, linear in targets]                  # any bad argument raises before a change
     model.requires_grad_(False)
-    for name, linear in targets:
-        layer = LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha, dropout)
+    for name, layer in layers:
         model = _replace(model, name, layer)
     return model
 

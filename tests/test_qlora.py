@@ -63,8 +63,10 @@ def test_target_modules_and_errors():
         prepare_qlora(Tiny(), target_modules=["v"])
     with pytest.raises(ValueError, match="already adapted are skipped"):
         prepare_qlora(prepare_qlora(Tiny(), r=2))               # twice: nothing left to adapt
+    untouched = Tiny()
     with pytest.raises(ValueError, match="LoRALinear: r must be an integer >= 1, got 0"):
-        prepare_qlora(Tiny(), r=0)
+        prepare_qlora(untouched, r=0)
+    assert type(untouched.mlp) is nn.Linear and untouched.mlp.weight.requires_grad  # unchanged
 
 
 def test_trainable_summary_worked_by_hand():
