@@ -158,7 +158,9 @@ def _grid(n: int, source: str) -> tuple[int, int]:
 
 def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:
     """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16), every
-    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's)."""
+    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's).
+    E.g. bytes [0x0F, 0x70], NF4, absmax [2.0], n = 3: out = [-2.0, 2.0, 0.0] (a grid of one
+    block; thread 0 takes the tail path, threads 1..255 return at once)."""
     source = kernel_source() if source is None else source
     name, tensors, ints = _kernel_args(packed, state, out)
     blocks, threads = _grid(ints[0], source)
@@ -170,7 +172,8 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
 
 def launch_cuda(packed, state, out) -> None:
     """Run the kernel on packed's GPU into `out`, on torch's current stream; tensors go to CuPy
-    through DLPack (no copies). Never run by its author: see tests/gpu_check.sh."""
+    through DLPack (no copies); same arguments and result as launch_emulation. Not yet run on a
+    GPU by its author (written and compiled without one): tests/gpu_check.sh runs it."""
     try:
         import cupy
     except ImportError as e:
