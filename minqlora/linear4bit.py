@@ -59,7 +59,8 @@ class Linear4bitFunction(torch.autograd.Function):
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(packed, make_state(ctx.layout, *constants), dtype=grad_out.dtype)
+            state = make_state(ctx.layout, *constants)
+            weight = dequantize_4bit(packed, state, dtype=grad_out.dtype)   # again, (out, in)
             grad_x = grad_out @ weight                          # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
@@ -107,15 +108,16 @@ class Linear4bit(nn.Module):
             self.register_buffer(name, t.to(packed.device).clone())
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(init.bias.detach() if init is not None else
-                                     torch.zeros(out_features, device=weight.device, dtype=weight.dtype))
+            self.bias = nn.Parameter(init.bias.detach() if init is not None else weight.new_zeros(
+                out_features))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
         """Quantize an nn.Linear's weight (kwargs: blocksize, double_quant, quant_type,
         compute_dtype); the bias is copied as it is."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"Linear4bit.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"Linear4bit.from_linear: expected an nn.Linear, "
+                            f"got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     _weight=linear.weight, **kwargs)
         if linear.bias is not None:
@@ -125,7 +127,9 @@ class Linear4bit(nn.Module):
 
     @property
     def layout(self) -> tuple:
-        return ((self.out_features, self.in_features), self.blocksize, self.quant_type, self.weight_dtype)
+        """(shape, blocksize, quant_type, dtype): what make_state needs besides the buffers."""
+        shape = (self.out_features, self.in_features)
+        return shape, self.blocksize, self.quant_type, self.weight_dtype
 
     def constants(self) -> tuple:
         """The state's buffers in make_state's order: code, absmax | qabsmax[, absmax2, offset]."""
@@ -159,4 +163,5 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize="
-                f"{self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+                f"{self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")

@@ -58,8 +58,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: r must be an integer >= 1, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"LoRALinear: alpha must be a number > 0, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"LoRALinear: dropout must be a probability in [0, 1), got {dropout!r}")
+        if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                or not 0 <= dropout < 1):
+            raise ValueError(f"LoRALinear: dropout must be a probability in [0, 1), "
+                             f"got {dropout!r}")
         if not dtype.is_floating_point:
             raise TypeError(f"LoRALinear: dtype must be a floating-point dtype, got {dtype}")
         self.base = base.requires_grad_(False)                      # frozen: W and its bias

@@ -29,8 +29,10 @@ from .lora import LoRALinear
 def _matches(name: str, patterns) -> bool:
     """PEFT's rule for a list of names: the full name, or its last dotted part(s).
 
-    >>> _matches("blocks.0.attn.q", ["q"]), _matches("blocks.0.attn.q", ["attn.q"]), _matches("lm_head", ["head"])
-    (True, True, False)
+    >>> _matches("blocks.0.attn.q", ["q"]), _matches("blocks.0.attn.q", ["attn.q"])
+    (True, True)
+    >>> _matches("lm_head", ["head"])
+    False
     """
     return any(name == p or name.endswith("." + p) for p in patterns)
 
@@ -56,11 +58,13 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
                and (target_modules is None or _matches(name, target_modules))
                and not any(a == "" or name.startswith(a + ".") for a in adapted)]
     if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
                          f"(exclude={exclude!r}, layers already adapted are skipped); the model's "
-                         f"linears are {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)]}")
-    layers = [(name, LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha, dropout))
-              for name, linear in targets]                  # any bad argument raises before a change
+                         f"linears are {linears}")
+    quantize = lambda linear: Linear4bit.from_linear(linear, **linear4bit_kwargs)  # noqa: E731
+    layers = [(name, LoRALinear(quantize(linear), r, alpha, dropout))
+              for name, linear in targets]  # bad arguments raise before any change
     model.requires_grad_(False)
     for name, layer in layers:
         model = _replace(model, name, layer)
@@ -116,7 +120,8 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
     adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
                 for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
     quantized = {id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers()}
-    params_4bit = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    params_4bit = sum(m.in_features * m.out_features for m in model.modules()
+                      if isinstance(m, Linear4bit))
     params = list(model.parameters())
     tensors = params + list(model.buffers())
     special = quantized | adapters

@@ -21,7 +21,8 @@ def test_buffers_hold_exactly_quantize_4bit_output():
     packed, state = quantize_4bit(lin.weight.detach())
     assert torch.equal(layer.weight_packed, packed)
     assert torch.equal(layer.qabsmax, state.absmax) and torch.equal(layer.code, state.code)
-    assert torch.equal(layer.absmax2, state.state2.absmax) and torch.equal(layer.offset, state.offset)
+    assert torch.equal(layer.absmax2, state.state2.absmax)
+    assert torch.equal(layer.offset, state.offset)
     assert torch.equal(layer.dequantize(), dequantize_4bit(packed, state))
     assert [n for n, _ in layer.named_parameters()] == ["bias"]       # no weight parameter
 
@@ -31,8 +32,8 @@ def test_gradcheck_float64():
     layer = Linear4bit.from_linear(linear(12, 6, seed=1).double(), compute_dtype=torch.float64)
     x = gaussian((3, 12), seed=2, dtype=torch.float64).requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
-    fn = lambda x, b: Linear4bitFunction.apply(x, b, layer.layout, layer.weight_packed,  # noqa: E731
-                                               *layer.constants())
+    def fn(x, b):
+        return Linear4bitFunction.apply(x, b, layer.layout, layer.weight_packed, *layer.constants())
     assert torch.autograd.gradcheck(fn, (x, bias))
     layer.bias.requires_grad_(True)                             # and through the module, 3-D x
     x3 = gaussian((2, 3, 12), seed=3, dtype=torch.float64).requires_grad_()
