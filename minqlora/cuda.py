@@ -184,6 +184,8 @@ def launch_cuda(packed, state, out) -> None:
         _MODULES[source] = cupy.RawModule(code=source, options=("--std=c++14",))
     name, tensors, ints = _kernel_args(packed, state, out)
     blocks, threads = _grid(ints[0], source)
+    if blocks == 0:                                         # an empty tensor: CUDA refuses a 0 grid
+        return
     stream = torch.cuda.current_stream(packed.device).cuda_stream
     with cupy.cuda.Device(packed.device.index), cupy.cuda.ExternalStream(stream):
         arrays = [cupy.empty(0, cupy.uint8) if t is None else cupy.from_dlpack(t) for t in tensors]

@@ -98,6 +98,12 @@ def test_rounding_ties_and_range(emulation, dtype):
     assert_same(packed, state, dtype)
 
 
+def test_empty_tensor(emulation):
+    for nested in (False, True):
+        packed, state = mq.quantize_4bit(torch.empty(0, 5), double_quant=nested)
+        assert_same(packed, state, torch.bfloat16)
+
+
 def test_float64_and_default_dtype(emulation):
     x = torch.randn(7, 9, dtype=torch.float64)
     packed, state = mq.quantize_4bit(x)
@@ -217,6 +223,9 @@ def test_cuda_launch_plumbing(emulation, monkeypatch):
             cuda.launch_cuda(packed, state, out)
             assert torch.equal(bits(out), bits(mq.dequantize_4bit(packed, state, dtype, backend="torch")))
     assert launches[-1] == ("dequant_4bit_f16_nested", (3,), (256,))
+    packed, state = mq.quantize_4bit(torch.empty(0))
+    cuda.launch_cuda(packed, state, torch.empty(0))                # no launch for an empty grid
+    assert len(launches) == 6
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
