@@ -24,7 +24,8 @@ returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
 Left to other modules: the storage format (double_quant.py), the dequantize backends, torch
 or CUDA kernel (cuda.py; "auto" picks torch on CPU), the adapters (lora.py) and whole-model
-conversion (qlora.py).
+conversion (qlora.py). On a GPU with CuPy, "auto" would pick the CUDA kernel: that path has not
+been run with this layer (no GPU where it was built); only the torch path is tested here.
 """
 import torch
 from torch import nn
