@@ -8,15 +8,16 @@ of in * out. B starts at zero, so a fresh layer computes exactly base(x) and tra
 from the pretrained model. A starts random (kaiming_uniform_, a=sqrt(5), as nn.Linear does),
 so B's gradient, scaling * dh.T @ (x @ A.T), is non-zero from the first step (were both zero,
 neither would ever move). scaling = alpha / r: Adam's first step moves every entry of B by
-about lr, which changes the output by about lr * r * |A x| (r terms add up); dividing by r
-cancels that, so a learning rate tuned at one rank carries over to another.
+about lr, which changes the output of one example by about lr * r * mean|A x| (r terms add
+up); dividing by r cancels that, so a learning rate tuned at one rank carries over to another.
 
 Worked example: a 4096x4096 layer holds 16,777,216 weights; LoRA at r=8 trains
 8 * (4096 + 4096) = 65,536 of them (0.39%), with scaling 16 / 8 = 2.
 
 Merging: W' = W + scaling * B @ A is one nn.Linear with the same outputs and no extra cost.
 The base may be an nn.Linear or lesson 07's 4-bit Linear4bit; this module needs only the
-base's in_features / out_features and, to merge a 4-bit base, its dequantize(). Adapter
+base's in_features / out_features and, to merge a 4-bit base, its dequantize() and
+weight_dtype. Adapter
 names follow PEFT's (lora_A.weight, lora_B.weight); adapters are float32 by default, as PEFT
 keeps them. Converting whole models is qlora.py's business.
 """
