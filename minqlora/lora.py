@@ -17,9 +17,8 @@ Worked example: a 4096x4096 layer holds 16,777,216 weights; LoRA at r=8 trains
 Merging: W' = W + scaling * B @ A is one nn.Linear with the same outputs and no extra cost.
 The base may be an nn.Linear or lesson 07's 4-bit Linear4bit; this module needs only the
 base's in_features / out_features and, to merge a 4-bit base, its dequantize() and
-weight_dtype. Adapter
-names follow PEFT's (lora_A.weight, lora_B.weight); adapters are float32 by default, as PEFT
-keeps them. Converting whole models is qlora.py's business.
+weight_dtype. Adapter names follow PEFT's (lora_A.weight, lora_B.weight); adapters are
+float32 by default, as PEFT keeps them. Converting whole models is qlora.py's business.
 """
 import math
 
