@@ -2,6 +2,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from minqlora import FP4, NF4, Linear4bit, dequantize_4bit, quantize_4bit
@@ -60,6 +62,25 @@ def test_forward_and_input_grad_match_a_plain_linear_over_the_dequantized_weight
     assert x.grad.dtype == x_dtype
     torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(layer.bias.grad, grad.float().sum((0, 1)), rtol=0.05, atol=0.05)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 40), st.sampled_from([16, 64, 128]),
+       st.sampled_from(["nf4", "fp4", "int4"]), st.booleans(), st.integers(0, 2**16))
+def test_any_shape_equals_a_linear_over_the_dequantized_weight(in_features, out_features,
+                                                               blocksize, quant_type, dq, seed):
+    """Property: for every shape (odd sizes, partial blocks) and format, forward in float32
+    is F.linear over dequantize_4bit(bytes), and the input gradient is dy @ W."""
+    lin = linear(in_features, out_features, seed=seed)
+    layer = Linear4bit.from_linear(lin, blocksize=blocksize, quant_type=quant_type,
+                                   double_quant=dq, compute_dtype=torch.float32)
+    weight = layer.dequantize(torch.float32)                    # (out, in)
+    x = gaussian((3, in_features), seed=seed).requires_grad_()
+    out = layer(x)
+    assert torch.equal(out, nn.functional.linear(x.detach(), weight, lin.bias.detach()))
+    grad = gaussian((3, out_features), seed=seed + 1)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ weight)
 
 
 def test_quantization_error_is_what_nf4_promises():
