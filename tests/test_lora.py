@@ -154,3 +154,36 @@ def test_bad_base_and_bad_input():
         layer(torch.zeros(2, 5))
     with pytest.raises(TypeError, match="expected a floating-point input tensor, got torch.int64"):
         layer(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_lora_over_4bit_trains_like_lora_over_the_dequantized_weight():
+    """QLoRA = LoRA over W_hat = dequantize(bytes): same output, same adapter and input
+    gradients as LoRA over an nn.Linear holding W_hat (all in float32)."""
+    torch.manual_seed(0)
+    four = Linear4bit.from_linear(nn.Linear(48, 24), compute_dtype=torch.float32)
+    plain = nn.Linear(48, 24)
+    with torch.no_grad():
+        plain.weight.copy_(four.dequantize(torch.float32))
+        plain.bias.copy_(four.bias)
+    A, B = gaussian((4, 48), seed=1), gaussian((24, 4), seed=2)
+    q, p = lora_with(four, A, B, alpha=8), lora_with(plain, A, B, alpha=8)
+    x = gaussian((6, 48), seed=3)
+    xq, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(q(xq), p(xp))
+    q(xq).pow(2).sum().backward()
+    p(xp).pow(2).sum().backward()
+    torch.testing.assert_close(q.lora_A.weight.grad, p.lora_A.weight.grad)
+    torch.testing.assert_close(q.lora_B.weight.grad, p.lora_B.weight.grad)
+    torch.testing.assert_close(xq.grad, xp.grad)
+
+
+def test_gradcheck_float64_through_adapters_and_4bit_base():
+    base = Linear4bit.from_linear(nn.Linear(10, 6).double(), compute_dtype=torch.float64)
+    layer = LoRALinear(base, r=3, alpha=6, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = gaussian((2, 10), dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.func.functional_call(
+        layer, {"lora_A.weight": a, "lora_B.weight": b}, (x,)),
+        (x, layer.lora_A.weight.detach().clone().requires_grad_(),
+         layer.lora_B.weight.detach().clone().requires_grad_()))
