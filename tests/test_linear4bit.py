@@ -154,6 +154,16 @@ def test_dtype_casts_never_round_the_constants():
     assert torch.equal(layer(x), y)
 
 
+def test_to_device_moves_every_buffer_and_keeps_dtypes():
+    """.to(device) moves the bytes and the float32 constants together (the meta device stands
+    in for a GPU here: same code path in _apply, no GPU needed)."""
+    layer = Linear4bit.from_linear(linear(64, 32))
+    dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+    layer.to("meta")
+    assert all(v.device.type == "meta" for v in layer.state_dict().values())
+    assert {k: v.dtype for k, v in layer.state_dict().items()} == dtypes
+
+
 def test_odd_shapes_and_other_quant_types():
     for quant_type, double_quant in [("fp4", False), ("int4", True), ("nf4", False)]:
         lin = linear(7, 5, seed=10)                             # 35 weights: odd, one partial block
