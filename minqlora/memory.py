@@ -11,8 +11,8 @@ lm_head (vocab x h each) and a final norm. Every count below follows from those 
              linears; 16 bits for the rest                                     (paged, Lesson 08)
 
 4-bit constants per weight of n values (blocksize 64, double quantization, as QuantState.nbytes
-counts them): ceil(n/64) uint8 absmaxes + 4 bytes of absmax2 per 256 of those + a 4-byte offset;
-4.127 bits per parameter in all. LoRA adds r * (in + out) parameters per targeted linear.
+counts them): ceil(n/64) uint8 absmaxes + 4 bytes of absmax2 per 256 of those + a 4-byte offset,
+4.127 bits per parameter in all, plus the layer's 64-byte code table (16 float32 values). LoRA adds r * (in + out) parameters per targeted linear.
 
 Worked example: LLaMA-65B has 65.29e9 parameters; full16 needs 2 + 2 + 8 = 12 bytes each,
 783 GB: the paper's "more than 780 GB". QLoRA stores the same model in about 34 GB, and its
@@ -37,12 +37,17 @@ PRESETS = {  # Hugging Face config.json values of the LLaMA-1 models used in the
     "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
                       num_hidden_layers=80, num_attention_heads=64),
 }
+CODEBOOK_BYTES = 16 * 4  # each 4-bit layer keeps its own 16-value float32 code table
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class Estimate:
-    """Bytes by part; `.total` sums them. str() gives a one-line summary in GB (1e9 bytes)."""
+    """Bytes by part; `.total` sums them. str() gives a one-line summary (GB = 1e9 bytes).
+
+    >>> print(Estimate(2_000_000, 0, 500_000, 0, 0, 0))
+    weights 2.00, quant_constants 0.00, adapters 0.50, gradients 0.00, optimizer 0.00, activations 0.00; total 2.50 MB
+    """
     weights: int
     quant_constants: int
     adapters: int
@@ -58,8 +63,10 @@ class Estimate:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def __str__(self):
-        return ", ".join(f"{k} {v / 1e9:.2f}" for k, v in self.parts().items()) + \
-            f"; total {self.total / 1e9:.2f} GB"
+        scale, unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                           if self.total >= s or s == 1)
+        return ", ".join(f"{k} {v / scale:.2f}" for k, v in self.parts().items()) + \
+            f"; total {self.total / scale:.2f} {unit}"
 
 
 def linear_shapes(config) -> list[tuple[str, int, int]]:
@@ -119,7 +126,7 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
         n_q = [i * o for _, i, o in shapes]
         weights -= L * sum(n_q) * weight_bits // 8
         weights += L * sum((n + 1) // 2 for n in n_q)
-        constants = L * sum(_constants_bytes(n, blocksize, double_quant) for n in n_q)
+        constants = L * sum(_constants_bytes(n, blocksize, double_quant) + CODEBOOK_BYTES for n in n_q)
     per_token = h if gradient_checkpointing else 10 * h + 3 * m
     return Estimate(
         weights=weights, quant_constants=constants,

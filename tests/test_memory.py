@@ -37,6 +37,8 @@ def test_qlora_weights_cost_4_127_bits():
     n_q = 80 * sum(i * o for _, i, o in memory.linear_shapes("llama-65b"))
     assert 8 * (e.weights + e.quant_constants - 2 * 2 * 32000 * 8192 - 2 * 161 * 8192) / n_q \
         == pytest.approx(4.127, abs=1e-3)
+    assert e.quant_constants == 80 * sum(memory._constants_bytes(i * o, 64, True) + 64
+                                         for _, i, o in memory.linear_shapes("llama-65b"))
 
 
 def test_methods_are_ordered_and_lora_counts():
@@ -79,11 +81,11 @@ def test_full16_matches_the_bytes_of_the_toy_model():
 def test_qlora_matches_the_bytes_of_the_toy_model():
     """prepare_qlora(ToyLM) at r=8: packed bytes + constants + float32 rest, fp32 adapters,
     their gradients and PagedAdamW's state all equal the calculator's counts at 32-bit settings
-    (the 16-value codebooks, 64 bytes each, are the one thing the calculator leaves out)."""
+    (each Linear4bit keeps its own 16-value codebook: 64 bytes, counted by the calculator too)."""
     model = prepare_qlora(toy.ToyLM(), r=8, dropout=0.0)
     summary = trainable_summary(model)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    stored = _nbytes(b for m in layers for name, b in m.named_buffers() if name != "code")
+    stored = _nbytes(b for m in layers for b in m.buffers())
     e = memory.estimate(toy.CONFIG, "qlora", r=8, weight_bits=32, adapter_bits=32, grad_bits=32)
     assert e.weights + e.quant_constants == stored + summary.bytes_other
     assert e.adapters == summary.bytes_adapters
