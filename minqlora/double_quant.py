@@ -34,6 +34,7 @@ from .blockwise import blocks_of, dequantize_blockwise, nearest_code, quantize_b
 from .nf4 import get_code, pack_4bit
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
+CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough to stay in cache
 
 
 def dynamic_code() -> torch.Tensor:
@@ -168,9 +169,18 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None) -> torc
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
                          f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
-    code = state.code.to(packed.device, torch.float32)
-    code = torch.nn.functional.pad(code, (0, 16 - code.numel()))      # INT4 leaves index 15 unused
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # byte b -> (hi, lo)
-    values = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)       # (2 * n_bytes,)
-    values = blocks_of(values[:n], state.blocksize) * state.absmax_fp32().to(packed.device).unsqueeze(1)
-    return values.reshape(-1)[:n].to(dtype or state.dtype).reshape(state.shape)
+    code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32),
+                                   (0, 16 - state.code.numel()))          # INT4 leaves index 15 unused
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2): byte -> (hi, lo)
+    absmax = state.absmax_fp32().to(packed.device)                              # (n_blocks,) float32
+    bs, n_blocks = state.blocksize, absmax.numel()
+    data = packed.reshape(-1)
+    if data.numel() * 2 < n_blocks * bs:                          # a partial last block: whole bytes
+        data = torch.nn.functional.pad(data, (0, n_blocks * bs // 2 - data.numel()))
+    out = torch.empty(n_blocks * bs, dtype=dtype or state.dtype, device=packed.device)
+    step = max(1, CHUNK // bs)                                     # blocks per chunk
+    for b in range(0, n_blocks, step):  # chunks of thousands of blocks: intermediates stay in cache
+        values = torch.nn.functional.embedding(data[b * bs // 2:(b + step) * bs // 2].int(), pairs)
+        values = values.view(-1, bs).mul_(absmax[b:b + step, None])   # (blocks, bs) fp32 products
+        out[b * bs:(b + step) * bs] = values.view(-1)                  # the one cast to dtype
+    return out[:n].view(state.shape)
