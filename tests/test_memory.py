@@ -123,3 +123,11 @@ def test_activations_scale_with_tokens():
 def test_bad_arguments_say_what_was_expected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory.estimate(**kwargs)
+
+
+def test_the_tour_prints_the_memory_table(capsys):
+    from minqlora.__main__ import memory_table
+    memory_table()
+    out = capsys.readouterr().out
+    assert "llama-65b" in out and "(here 784 GB)" in out and "(here 44.7 GB)" in out
+    assert out.splitlines()[5].split()[-2:] == ["48", "GB"]       # 65B with QLoRA: one 48 GB GPU

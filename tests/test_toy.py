@@ -124,3 +124,13 @@ def test_bytes_follow_the_memory_calculator(results):
     assert q["weights"] == e.weights + e.quant_constants
     assert q["adapters"] == lora["adapters"] == e.adapters and q["optimizer"] == e.optimizer
     assert results["qlora"].trainable == 17_408 and results["full"].trainable == n_all
+
+
+def test_cli_help_lists_the_subcommands_and_options(capsys):
+    from minqlora.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for word in ("tour", "bench", "--seed", "--quick", "--device", "--plot", "--only"):
+        assert word in out
