@@ -22,7 +22,7 @@ from .double_quant import QUANT_TYPES, dequantize_4bit, quantize_4bit
 
 
 def quantization_table(seed: int = 0, size: int = 4096) -> list[tuple]:
-    """Rows (type, double_quant, rmse, max_err, bits/param) for a seeded size x size N(0, 0.02) weight."""
+    """Rows (type, double_quant, rmse, max_err, bits/param) for a seeded N(0, 0.02) weight."""
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(seed)) * 0.02
     rows = []
     for quant_type in QUANT_TYPES:
@@ -39,7 +39,8 @@ def print_quantization_table(seed: int = 0, size: int = 4096) -> None:
     print(f"Quantization of a seeded {size}x{size} Gaussian weight (std 0.02), blocksize 64")
     print(f"{'type':<6}{'double quant':<14}{'RMSE':>12}{'max error':>12}{'bits/param':>12}")
     for quant_type, dq, rmse, max_err, bits in quantization_table(seed, size):
-        print(f"{quant_type:<6}{'yes' if dq else 'no':<14}{rmse:>12.3e}{max_err:>12.3e}{bits:>12.4f}")
+        print(f"{quant_type:<6}{'yes' if dq else 'no':<14}{rmse:>12.3e}{max_err:>12.3e}"
+              f"{bits:>12.4f}")
 
 
 def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
@@ -60,7 +61,7 @@ def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
     same = torch.equal(out, dequantize(packed, state, torch.bfloat16, backend="torch"))
     print(f"kernels/dequant_nf4.cu {where}, {size}x{size} NF4 -> bf16: "
           f"{'bit-identical to' if same else 'DIFFERS from'} the torch path ({seconds:.2f} s, "
-          "first call includes compiling)")
+          "the first call may compile it)")
 
 
 def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu", plot=None):
@@ -79,7 +80,8 @@ def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu",
         pager = Pager(69_632, page_bytes=4096, device=device) if method == "qlora" else None
         results.append(finetune(base, method, steps=250 if quick else 500, seed=seed,
                                 pager=pager, progress=True, device=device))
-    print(f"\nFine-tuning on subtraction, {len(results[0].losses)} steps each, held out: 1000 problems")
+    print(f"\nFine-tuning on subtraction, {len(results[0].losses)} steps each; "
+          "held out: 1000 problems")
     print(f"{'method':<12}{'loss':>8}{'accuracy':>10}{'W error':>9}{'weights':>10}{'adapters':>10}"
           f"{'optimizer':>11}{'seconds':>9}")
     for r in results:
@@ -127,7 +129,8 @@ def memory_table() -> None:
 
 
 def tour(seed: int = 0, quick: bool = False, device: str = "cpu", plot=None) -> None:
-    sections = [("1. Quantization", lambda: print_quantization_table(seed, 1024 if quick else 4096)),
+    size = 1024 if quick else 4096
+    sections = [("1. Quantization", lambda: print_quantization_table(seed, size)),
                 ("2. The dequantization kernel", lambda: kernel_check(seed, device=device)),
                 ("3-4. Fine-tuning a toy model, paged optimizer",
                  lambda: finetune_comparison(seed, quick, device, plot)),
@@ -148,7 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="tour: cpu or cuda (default: cuda when available)")
-    parser.add_argument("--plot", metavar="PATH", help="tour: save the loss curves (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="tour: save the loss curves (needs matplotlib)")
     parser.add_argument("--only", nargs="*", help="bench: only these sections")
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -29,21 +29,23 @@ from torch import nn
 from .lora import LoRALinear
 from .paged_adam import PagedAdamW
 from .qlora import prepare_qlora
-from .toy import evaluate, make_data, train
+from .toy import make_data
+from .training import evaluate, train
 
 METHODS = ("full", "lora16", "qlora", "qlora-fp4", "qlora-int4")
 QUANT_TYPES = {"qlora": "nf4", "qlora-fp4": "fp4", "qlora-int4": "int4"}
 
 
 class Bf16Linear(nn.Linear):
-    """A frozen nn.Linear stored and computed in bf16 that returns its input's dtype (lora16's base)."""
+    """lora16's base: a frozen nn.Linear stored and computed in bf16, returning x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=torch.bfloat16)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  dtype=torch.bfloat16)
         new.load_state_dict(linear.state_dict())                # rounds float32 -> bf16
         return new.requires_grad_(False)
 
@@ -66,7 +68,7 @@ def linear_names(model: nn.Module, exclude=("lm_head",)) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in exclude]
 
 
-def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: int = 0) -> nn.Module:
+def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: int = 0):
     """A deep copy of base made ready for `method`: all trainable (full), or frozen with LoRA
     adapters over bf16 (lora16) or 4-bit (qlora*) copies of every linear but lm_head. The
     adapters' random init is drawn after torch.manual_seed(seed); the global RNG is left alone."""
@@ -78,7 +80,7 @@ def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: i
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if method in QUANT_TYPES:
-            return prepare_qlora(model, r=r, alpha=alpha, dropout=0.0, quant_type=QUANT_TYPES[method])
+            return prepare_qlora(model, r, alpha, dropout=0.0, quant_type=QUANT_TYPES[method])
         model.requires_grad_(False)
         for name in linear_names(model):
             parent, _, child = name.rpartition(".")
@@ -88,7 +90,7 @@ def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: i
 
 
 def stored_bytes(model: nn.Module) -> dict:
-    """Bytes of the frozen weights (4-bit bytes and constants included) and of the trainable ones."""
+    """Bytes of the frozen weights (4-bit bytes and constants included) and of trainable ones."""
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     tensors = list(model.parameters()) + list(model.buffers())
     return {"weights": sum(nbytes(t) for t in tensors if not t.requires_grad),
@@ -102,14 +104,15 @@ def weight_error(base: nn.Module, model: nn.Module) -> float:
     for name in linear_names(base):
         w, layer = base.get_submodule(name).weight.float(), model.get_submodule(name)
         stored = layer.base if isinstance(layer, LoRALinear) else layer
-        w_hat = stored.dequantize(torch.float32) if hasattr(stored, "dequantize") else stored.weight.float()
-        err, ref = err + (w_hat.to(w.device) - w).pow(2).sum().item(), ref + w.pow(2).sum().item()
+        w_hat = (stored.dequantize(torch.float32) if hasattr(stored, "dequantize")
+                 else stored.weight.float()).to(w.device)                      # (out, in)
+        err, ref = err + (w_hat - w).pow(2).sum().item(), ref + w.pow(2).sum().item()
     return (err / ref) ** 0.5
 
 
-def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 64, lr: float = None,
-             r: int = 8, alpha: float = 16, seed: int = 0, task: str = "sub", pager=None,
-             progress: bool = False, device="cpu") -> FinetuneResult:
+def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 64,
+             lr: float = None, r: int = 8, alpha: float = 16, seed: int = 0, task: str = "sub",
+             pager=None, progress: bool = False, device="cpu") -> FinetuneResult:
     """Fine-tune a copy of `base` on `task` by `method`; base itself is not changed.
 
     lr defaults to 2e-3 for full fine-tuning and 5e-3 for the LoRA methods (B starts at zero;

@@ -1,4 +1,4 @@
-"""The memory calculator: how many bytes fine-tuning a LLaMA-shaped model needs, by method (lesson 09).
+"""The memory calculator: the bytes to fine-tune a LLaMA-shaped model, by method (lesson 09).
 
 A LLaMA block (hidden h, intermediate m) holds seven linear weights, q, k, v, o (h x h each) and
 gate, up, down (h x m each), and two RMSNorms (h each); the model adds an embedding and an
@@ -12,7 +12,8 @@ lm_head (vocab x h each) and a final norm. Every count below follows from those 
 
 4-bit constants per weight of n values (blocksize 64, double quantization, as QuantState.nbytes
 counts them): ceil(n/64) uint8 absmaxes + 4 bytes of absmax2 per 256 of those + a 4-byte offset,
-4.127 bits per parameter in all, plus the layer's 64-byte code table (16 float32 values). LoRA adds r * (in + out) parameters per targeted linear.
+4.127 bits per parameter in all, plus the layer's 64-byte code table (16 float32 values).
+LoRA adds r * (in + out) parameters per targeted linear.
 
 Worked example: LLaMA-65B has 65.29e9 parameters; full16 needs 2 + 2 + 8 = 12 bytes each,
 783 GB: the paper's "more than 780 GB". QLoRA stores the same model in about 34 GB, and its
@@ -26,7 +27,8 @@ the bytes actually held by the toy model of toy.py and by qlora.py's layers.
 from dataclasses import dataclass, fields
 
 METHODS = ("full16", "lora16", "qlora")
-KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads")
 PRESETS = {  # Hugging Face config.json values of the LLaMA-1 models used in the QLoRA paper
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                      num_hidden_layers=32, num_attention_heads=32),
@@ -45,8 +47,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class Estimate:
     """Bytes by part; `.total` sums them. str() gives a one-line summary (GB = 1e9 bytes).
 
-    >>> print(Estimate(2_000_000, 0, 500_000, 0, 0, 0))
-    weights 2.00, quant_constants 0.00, adapters 0.50, gradients 0.00, optimizer 0.00, activations 0.00; total 2.50 MB
+    >>> e = Estimate(2_000_000, 0, 500_000, 0, 0, 0)
+    >>> e.total, str(e).split("; ")[-1]
+    (2500000, 'total 2.50 MB')
     """
     weights: int
     quant_constants: int
@@ -77,7 +80,8 @@ def linear_shapes(config) -> list[tuple[str, int, int]]:
     """
     c = _config(config)
     h, m = c["hidden_size"], c["intermediate_size"]
-    return [(n, h, h) for n in LINEARS[:4]] + [("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
+    mlp = [("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
+    return [(n, h, h) for n in LINEARS[:4]] + mlp
 
 
 def count_params(config) -> int:
@@ -97,7 +101,9 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
              grad_bits: int = 16, optimizer_bytes: int = 8, master_weights: bool = False,
              batch_size: int = 1, seq_len: int = 512, activation_bits: int = 16,
              gradient_checkpointing: bool = True) -> Estimate:
-    """Bytes to fine-tune `config` (a preset name or a dict with Hugging Face LLaMA keys) by `method`.
+    """Bytes to fine-tune `config` (a preset name or a dict with Hugging Face LLaMA keys).
+
+    method: "full16", "lora16" or "qlora" (see the module docstring for what each stores).
 
     optimizer_bytes: state bytes per trainable parameter (AdamW: two fp32 moments = 8).
     master_weights: add a 4-byte fp32 copy of each trainable parameter (mixed precision).
@@ -126,7 +132,8 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
         n_q = [i * o for _, i, o in shapes]
         weights -= L * sum(n_q) * weight_bits // 8
         weights += L * sum((n + 1) // 2 for n in n_q)
-        constants = L * sum(_constants_bytes(n, blocksize, double_quant) + CODEBOOK_BYTES for n in n_q)
+        constants = L * sum(_constants_bytes(n, blocksize, double_quant) + CODEBOOK_BYTES
+                            for n in n_q)
     per_token = h if gradient_checkpointing else 10 * h + 3 * m
     return Estimate(
         weights=weights, quant_constants=constants,

@@ -18,14 +18,15 @@ is exact match of all three under argmax, which is what greedy decoding would pr
 Worked example: "1+2=" is the token ids [1, 10, 2, 13]; make_data("add") holds all 10,000
 problems, 1,000 of them held out.
 
-This module builds the base model; the fine-tuning experiment is in finetune.py (re-exported
-here as `finetune`), the quantization in double_quant.py, the adapters in lora.py / qlora.py.
+This module builds the base model. The training loop is training.py's (answer_loss, evaluate,
+train are re-exported here), the fine-tuning experiment finetune.py's (mq.toy.finetune resolves
+to it), the quantization double_quant.py's, the adapters lora.py's and qlora.py's.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .training import answer_loss, evaluate, one_thread, train  # noqa: F401 (re-exported)
 
 VOCAB = "0123456789+-*="
 TASKS = {"add": "+", "sub": "-"}
@@ -59,7 +60,7 @@ def make_data(task: str = "add", seed: int = 0, n_heldout: int = 1000) -> dict:
     if task == "sub":
         a, b = a[a >= b], b[a >= b]                                # 5050 problems, answer >= 0
     c = a + b if task == "add" else a - b
-    digits = lambda v, n: torch.stack([v // 10 ** i % 10 for i in reversed(range(n))], 1)  # noqa: E731
+    digits = lambda v, n: torch.stack([v // 10 ** i % 10 for i in range(n - 1, -1, -1)], 1)  # noqa
     op = torch.full_like(a, VOCAB.index(TASKS[task]))[:, None]
     eq = torch.full_like(a, VOCAB.index("="))[:, None]
     seqs = torch.cat([digits(a, 2), op, digits(b, 2), eq, digits(c, 3)], 1)   # (n, 9) int64
@@ -81,7 +82,7 @@ class Block(nn.Module):
     def __init__(self, hidden: int, intermediate: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.input_norm, self.post_norm = nn.RMSNorm(hidden, eps=1e-6), nn.RMSNorm(hidden, eps=1e-6)
+        self.input_norm, self.post_norm = nn.RMSNorm(hidden, 1e-6), nn.RMSNorm(hidden, 1e-6)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             nn.Linear(hidden, hidden, bias=False) for _ in range(4))
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -92,7 +93,7 @@ class Block(nn.Module):
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
         n = self.input_norm(x)
-        q, k, v = split(self.q_proj(n)), split(self.k_proj(n)), split(self.v_proj(n))  # (B, H, T, D)
+        q, k, v = (split(proj(n)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B,H,T,D)
         att = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, C))
         n = self.post_norm(x)
@@ -100,15 +101,15 @@ class Block(nn.Module):
 
 
 class ToyLM(nn.Module):
-    """A miniature LLaMA over CONFIG (Hugging Face key names); forward(ids (B, T)) -> logits (B, T, V)."""
+    """A miniature LLaMA over CONFIG (Hugging Face keys): ids (B, T) -> logits (B, T, V)."""
 
     def __init__(self, config: dict = CONFIG):
         super().__init__()
         self.config = dict(config)
         h, L = config["hidden_size"], config["num_hidden_layers"]
         self.embed_tokens = nn.Embedding(config["vocab_size"], h)
-        self.layers = nn.ModuleList(Block(h, config["intermediate_size"], config["num_attention_heads"])
-                                    for _ in range(L))
+        m, heads = config["intermediate_size"], config["num_attention_heads"]
+        self.layers = nn.ModuleList(Block(h, m, heads) for _ in range(L))
         self.norm = nn.RMSNorm(h, eps=1e-6)
         self.lm_head = nn.Linear(h, config["vocab_size"], bias=False)
 
@@ -117,64 +118,6 @@ class ToyLM(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))                          # (B, T, vocab)
-
-
-def answer_loss(model: nn.Module, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the 3 answer digits of seqs (n, 9), and which rows are all right."""
-    logits = model(seqs[:, :-1])[:, -3:].float()                    # predicts seqs[:, -3:], (n, 3, V)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, -3:].reshape(-1))
-    return loss, (logits.argmax(-1) == seqs[:, -3:]).all(1)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, seqs: torch.Tensor) -> tuple[float, float]:
-    """(held-out loss, exact-match accuracy) of model on seqs, as Python floats."""
-    was_training = model.training
-    model.eval()
-    loss, correct = answer_loss(model, seqs)
-    model.train(was_training)
-    return loss.item(), correct.float().mean().item()
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread inside the block: for 64 x 128 matrices a second thread only adds
-    waiting (and, on a busy machine, spinning). The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train(model, seqs, params, optimizer, steps, batch_size, seed, desc="train", progress=False,
-          scheduler=None, heldout=None, eval_every=0):
-    """`steps` of training on random batches of seqs; returns (loss per step, held-out curve).
-
-    The curve holds (step, held-out loss) at step 0 and every `eval_every` steps when a
-    `heldout` set is given. progress=True shows a tqdm bar (on stderr).
-    """
-    from tqdm import tqdm
-    gen = torch.Generator().manual_seed(seed)
-    losses, curve = [], []
-    with one_thread():
-        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            if heldout is not None and step % max(eval_every, 1) == 0:
-                curve.append((step, evaluate(model, heldout)[0]))
-            model.train()
-            batch = seqs[torch.randint(len(seqs), (batch_size,), generator=gen)]   # (batch, 9)
-            loss, _ = answer_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(loss.item())
-        if heldout is not None:
-            curve.append((steps, evaluate(model, heldout)[0]))
-    return losses, curve
 
 
 def pretrain(seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 5e-3,

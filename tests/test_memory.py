@@ -12,7 +12,8 @@ from minqlora.qlora import prepare_qlora, trainable_summary
 def test_preset_parameter_counts_are_llamas():
     """Hugging Face's LLaMA-1 checkpoints hold 6,738,415,616 / 13,015,864,320 /
     32,528,943,616 / 65,285,660,672 parameters (the '7B, 13B, 33B, 65B' of the paper)."""
-    counts = [memory.count_params(name) for name in ("llama-7b", "llama-13b", "llama-33b", "llama-65b")]
+    names = ("llama-7b", "llama-13b", "llama-33b", "llama-65b")
+    counts = [memory.count_params(name) for name in names]
     assert counts == [6_738_415_616, 13_015_864_320, 32_528_943_616, 65_285_660_672]
 
 
@@ -75,7 +76,8 @@ def test_full16_matches_the_bytes_of_the_toy_model():
     _step(model, opt)
     e32 = memory.estimate(toy.CONFIG, "full16", weight_bits=32, grad_bits=32)
     assert _nbytes(p.grad for p in model.parameters()) == e32.gradients
-    assert _nbytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")) == e32.optimizer
+    state = opt.state.values()
+    assert _nbytes(s[k] for s in state for k in ("exp_avg", "exp_avg_sq")) == e32.optimizer
 
 
 def test_qlora_matches_the_bytes_of_the_toy_model():

@@ -58,7 +58,8 @@ def test_pretrain_is_deterministic_and_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     m1, m2 = toy.pretrain(seed=3, steps=5), toy.pretrain(seed=3, steps=5)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    pairs = zip(m1.state_dict().values(), m2.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(m1.lm_head.weight, toy.pretrain(seed=4, steps=5).lm_head.weight)
 
 
