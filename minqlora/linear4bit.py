@@ -4,10 +4,10 @@ Storage, all in buffers so state_dict() round-trips bit for bit and .to(device) 
 
     weight_packed  uint8   (out*in/2,)          two 4-bit code indices per byte
     qabsmax        uint8   (n_blocks,)          } double_quant=True (the default):
+    code           float32 (16,)                } the codebook (NF4, FP4 or INT4)
     absmax2        float32 (n_blocks/256,)      } absmax ~= DYNAMIC[qabsmax] * absmax2 + offset
     offset         float32 ()                   }
-    absmax         float32 (n_blocks,)            double_quant=False instead
-    code           float32 (16,)                the codebook (NF4, FP4 or INT4)
+    (double_quant=False: weight_packed, absmax float32 (n_blocks,), code)
 
 Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
 
@@ -22,10 +22,10 @@ Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 K
 only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_dtype and
 returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
-Left to other modules: the storage format (double_quant.py), the dequantize backends, torch
-or CUDA kernel (cuda.py; "auto" picks torch on CPU), the adapters (lora.py) and whole-model
-conversion (qlora.py). On a GPU with CuPy, "auto" would pick the CUDA kernel: that path has not
-been run with this layer (no GPU where it was built); only the torch path is tested here.
+Left to other modules: the storage format (double_quant.py), the dequantize backend (cuda.py:
+"auto" picks torch on CPU and would pick the CUDA kernel for CUDA tensors with CuPy; that path
+has never been run with this layer, as no GPU was at hand), the adapters (lora.py) and
+whole-model conversion (qlora.py).
 """
 import torch
 from torch import nn
@@ -34,13 +34,12 @@ from .cuda import dequantize_4bit
 from .double_quant import DYNAMIC, QuantState, quantize_4bit
 from .lora import check_input
 
-_FLOAT_BUFFERS = ("code", "absmax", "absmax2", "offset")   # float32 always, whatever .half() says
 
-
-def make_state(layout: tuple, code, absmax, absmax2=None, offset=None) -> QuantState:
-    """QuantState from a layer's layout (shape, blocksize, quant_type, dtype) and buffers."""
+def make_state(layout: tuple, absmax, code, absmax2=None, offset=None) -> QuantState:
+    """QuantState from a layout (shape, blocksize, quant_type, dtype) and the constants; with
+    absmax2 and offset given, `absmax` is the uint8 qabsmax of a double-quantized state."""
     shape, blocksize, quant_type, dtype = layout
-    state2 = None if absmax2 is None else QuantState(     # nested: absmax holds qabsmax
+    state2 = None if absmax2 is None else QuantState(     # the absmaxes' own state
         absmax2, DYNAMIC.to(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
     return QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type, offset, state2)
 
@@ -59,13 +58,12 @@ class Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, grad_out):                                # grad_out: (..., out)
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            state = make_state(ctx.layout, *constants)
-            weight = dequantize_4bit(packed, state, dtype=grad_out.dtype)   # again, (out, in)
+        if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
+            weight = dequantize_4bit(packed, make_state(ctx.layout, *constants), grad_out.dtype)
             grad_x = grad_out @ weight                          # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
-        return grad_x, grad_bias, None, None, *[None] * len(constants)
+        return (grad_x, grad_bias) + (None,) * (2 + len(constants))
 
 
 class Linear4bit(nn.Module):
@@ -82,7 +80,7 @@ class Linear4bit(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
                  compute_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None,
-                 _weight=None):
+                 _linear: nn.Linear = None):
         super().__init__()
         if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
             raise TypeError(f"Linear4bit: compute_dtype must be a floating-point torch.dtype, "
@@ -90,27 +88,20 @@ class Linear4bit(nn.Module):
         for name, n in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"Linear4bit: {name} must be an integer >= 1, got {n!r}")
-        init = None if _weight is not None else nn.Linear(in_features, out_features, bias,
-                                                          device=device, dtype=dtype)
-        weight = (_weight if init is None else init.weight).detach()   # (out, in)
-        if weight.shape != (out_features, in_features):
-            raise ValueError(f"Linear4bit: weight must have shape ({out_features}, "
-                             f"{in_features}), got {tuple(weight.shape)}")
+        if _linear is None:                                     # a fresh, randomly set weight
+            _linear = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
-        self.compute_dtype, self.weight_dtype = compute_dtype, weight.dtype
-        packed, state = quantize_4bit(weight, blocksize, quant_type, double_quant)
-        if double_quant:                           # uint8 first, then float32 (see _apply)
-            buffers = dict(weight_packed=packed, qabsmax=state.absmax, code=state.code,
-                           absmax2=state.state2.absmax, offset=state.offset)
-        else:
-            buffers = dict(weight_packed=packed, code=state.code, absmax=state.absmax)
-        for name, t in buffers.items():            # clone: the code is a shared global table
+        self.compute_dtype, self.weight_dtype = compute_dtype, _linear.weight.dtype
+        packed, state = quantize_4bit(_linear.weight.detach(), blocksize, quant_type, double_quant)
+        constants = (state.absmax, state.code)
+        if double_quant:
+            constants += (state.state2.absmax, state.offset)
+        self.register_buffer("weight_packed", packed)
+        for name, t in zip(self._constant_names(), constants):  # clone: the code is a global
             self.register_buffer(name, t.to(packed.device).clone())
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(init.bias.detach() if init is not None else weight.new_zeros(
-                out_features))
+        b = _linear.bias
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
@@ -119,12 +110,15 @@ class Linear4bit(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_linear: expected an nn.Linear, "
                             f"got {type(linear).__name__}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    _weight=linear.weight, **kwargs)
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        return layer
+        return cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   _linear=linear, **kwargs)
+
+    def _constant_names(self) -> tuple:                        # make_state's argument order
+        return ("qabsmax", "code", "absmax2", "offset") if self.double_quant else ("absmax", "code")
+
+    def constants(self) -> tuple:
+        """The state's buffers: qabsmax, code, absmax2, offset (or absmax, code)."""
+        return tuple(self._buffers[name] for name in self._constant_names())
 
     @property
     def layout(self) -> tuple:
@@ -132,19 +126,10 @@ class Linear4bit(nn.Module):
         shape = (self.out_features, self.in_features)
         return shape, self.blocksize, self.quant_type, self.weight_dtype
 
-    def constants(self) -> tuple:
-        """The state's buffers in make_state's order: code, absmax | qabsmax[, absmax2, offset]."""
-        if self.double_quant:
-            return self.code, self.qabsmax, self.absmax2, self.offset
-        return self.code, self.absmax
-
-    @property
-    def quant_state(self) -> QuantState:
-        return make_state(self.layout, *self.constants())
-
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
-        return dequantize_4bit(self.weight_packed, self.quant_state, dtype=dtype)
+        state = make_state(self.layout, *self.constants())
+        return dequantize_4bit(self.weight_packed, state, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "Linear4bit")
@@ -154,11 +139,11 @@ class Linear4bit(nn.Module):
         return out.to(x.dtype)                                  # (..., out) in x's dtype
 
     def _apply(self, fn, recurse=True):
-        """.to(dtype) / .half() must not round the float32 constants: move them with the bytes."""
-        floats = {k: self._buffers.pop(k) for k in _FLOAT_BUFFERS if k in self._buffers}
+        """.to(dtype) / .half() must not round the float32 constants: they only move with the
+        bytes (to the same device), keeping their dtype and their place in state_dict()."""
+        constants = dict(zip(self._constant_names(), self.constants()))
         super()._apply(fn, recurse)
-        for name, t in floats.items():
-            self._buffers[name] = t.to(self.weight_packed.device)
+        self._buffers.update({k: t.to(self.weight_packed.device) for k, t in constants.items()})
         return self
 
     def extra_repr(self) -> str:
