@@ -36,6 +36,26 @@ def check_input(x, in_features: int, where: str) -> None:
                          f"(in_features), got shape {tuple(x.shape)}")
 
 
+@torch.no_grad()
+def to_linear(base: nn.Module, delta: torch.Tensor = None) -> nn.Linear:
+    """A frozen nn.Linear holding base's weight W (dequantized when 4-bit) + delta, summed in
+    float32 and stored in the dtype W had; the bias is copied.
+
+    >>> to_linear(nn.Linear(2, 2, bias=False), delta=torch.ones(2, 2)).weight.shape
+    torch.Size([2, 2])
+    """
+    if isinstance(base, nn.Linear):
+        weight, dtype = base.weight.float(), base.weight.dtype                 # (out, in)
+    else:
+        weight, dtype = base.dequantize(torch.float32), base.weight_dtype
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                       device=weight.device, dtype=dtype)
+    linear.weight.copy_(weight if delta is None else weight + delta)
+    if base.bias is not None:
+        linear.bias.copy_(base.bias)
+    return linear.requires_grad_(False)
+
+
 class LoRALinear(nn.Module):
     """A frozen `base` (nn.Linear or Linear4bit) plus trainable adapters lora_A, lora_B.
 
@@ -83,20 +103,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A plain nn.Linear holding W + scaling * B @ A (the 4-bit base dequantized first),
-        computed in float32 and stored in the base weight's dtype; the bias is copied."""
-        if isinstance(self.base, nn.Linear):
-            weight, dtype = self.base.weight.float(), self.base.weight.dtype
-        else:
-            weight, dtype = self.base.dequantize(torch.float32), self.base.weight_dtype
+        """A plain nn.Linear holding W + scaling * B @ A (the 4-bit base dequantized first)."""
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()   # (out, r) @ (r, in)
-        bias = self.base.bias
-        merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                           device=weight.device, dtype=dtype)
-        merged.weight.copy_(weight + self.scaling * delta)
-        if bias is not None:
-            merged.bias.copy_(bias)
-        return merged.requires_grad_(False)
+        return to_linear(self.base, self.scaling * delta)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"

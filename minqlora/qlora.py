@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .lora import LoRALinear
+from .lora import LoRALinear, to_linear
 
 
 def _matches(name: str, patterns) -> bool:
@@ -35,6 +35,11 @@ def _matches(name: str, patterns) -> bool:
     False
     """
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _inside(name: str, parents) -> bool:
+    """Whether module `name` lies inside one of `parents` ("" is the root: holds everything)."""
+    return any(p == "" or name.startswith(p + ".") for p in parents)
 
 
 def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
@@ -49,22 +54,20 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
     >>> [type(m).__name__ for m in model], trainable_summary(model).trainable
     (['LoRALinear', 'ReLU', 'Linear'], 512)
     """
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
+    target_modules = [target_modules] if isinstance(target_modules, str) else target_modules
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not _matches(name, exclude)
                and (target_modules is None or _matches(name, target_modules))
-               and not any(a == "" or name.startswith(a + ".") for a in adapted)]
+               and not _inside(name, adapted)]
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
                          f"(exclude={exclude!r}, layers already adapted are skipped); the model's "
                          f"linears are {linears}")
-    quantize = lambda linear: Linear4bit.from_linear(linear, **linear4bit_kwargs)  # noqa: E731
-    layers = [(name, LoRALinear(quantize(linear), r, alpha, dropout))
-              for name, linear in targets]  # bad arguments raise before any change
+    layers = [(name, LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha,
+                                dropout)) for name, linear in targets]  # bad arguments raise here
     model.requires_grad_(False)
     for name, layer in layers:
         model = _replace(model, name, layer)
@@ -116,21 +119,22 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
     everything else                       440 bytes
     total                                 440 bytes
     """
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    layers4 = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    quantized = {id(b) for m in layers4 for b in m.buffers()}
     adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
                 for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
-    quantized = {id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers()}
-    params_4bit = sum(m.in_features * m.out_features for m in model.modules()
-                      if isinstance(m, Linear4bit))
     params = list(model.parameters())
-    tensors = params + list(model.buffers())
-    special = quantized | adapters
+    params_4bit = sum(m.in_features * m.out_features for m in layers4)
+
+    def nbytes(keep) -> int:                     # bytes of the parameters and buffers kept
+        return sum(t.numel() * t.element_size() for t in params + list(model.buffers())
+                   if keep(id(t)))
     return QLoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params) + params_4bit,
-        bytes_4bit=sum(nbytes(t) for t in tensors if id(t) in quantized),
-        bytes_adapters=sum(nbytes(t) for t in tensors if id(t) in adapters),
-        bytes_other=sum(nbytes(t) for t in tensors if id(t) not in special),
+        bytes_4bit=nbytes(lambda i: i in quantized),
+        bytes_adapters=nbytes(lambda i: i in adapters),
+        bytes_other=nbytes(lambda i: i not in quantized and i not in adapters),
         params_4bit=params_4bit)
 
 
@@ -141,18 +145,8 @@ def merge_qlora(model: nn.Module) -> nn.Module:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, Linear4bit))]
     done = []
     for name, module in layers:
-        if any(d == "" or name.startswith(d + ".") for d in done):
-            continue                                   # a Linear4bit inside a merged LoRALinear
-        if isinstance(module, LoRALinear):
-            new = module.merge()
-        else:
-            new = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                            device=module.weight_packed.device, dtype=module.weight_dtype)
-            with torch.no_grad():
-                new.weight.copy_(module.dequantize())
-                if module.bias is not None:
-                    new.bias.copy_(module.bias)
-            new.requires_grad_(False)
-        model = _replace(model, name, new)
-        done.append(name)
+        if not _inside(name, done):                    # skip a Linear4bit inside a merged LoRA
+            model = _replace(model, name, module.merge() if isinstance(module, LoRALinear)
+                             else to_linear(module))
+            done.append(name)
     return model
