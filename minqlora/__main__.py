@@ -12,6 +12,7 @@ The tour (about two minutes on a 2-core CPU; --quick: about one) prints, in the 
   4. paging        PagedAdamW's counters in the NF4 run, its state under a budget of half its size
   5. memory        the calculator's table for LLaMA 7B to 65B and the paper's headline
 The bench runs speed checks against torchao / bitsandbytes where installed.
+Honest note: the tour's GPU path (--device cuda) was written but has NOT been run on a GPU yet.
 """
 import argparse
 import time
@@ -155,6 +156,8 @@ def main(argv=None) -> None:
                         help="tour: save the loss curves (needs matplotlib)")
     parser.add_argument("--only", nargs="*", help="bench: only these sections")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.command == "bench":
         from .bench import main as bench_main
         bench_main(args.only, quick=args.quick)

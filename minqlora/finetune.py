@@ -119,6 +119,11 @@ def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 6
     chosen by a short look at seed 0 among 1e-3..3e-3 and 3e-3..1e-2). pager: a Pager for
     PagedAdamW (qlora methods only).
     progress=True shows a tqdm bar on stderr. device="cuda" runs on a GPU (NOT run on one yet).
+
+    >>> from minqlora.toy import ToyLM
+    >>> r = finetune(ToyLM(), "qlora", steps=20)          # an untrained base, for the bytes
+    >>> r.trainable, r.bytes                                # 14 linears at r=8, float32 adapters
+    (17408, {'weights': 51696, 'adapters': 69632, 'optimizer': 139264})
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 20:
         raise ValueError(f"finetune: steps must be an integer >= 20 (the schedule warms up for "
