@@ -46,7 +46,6 @@ def print_quantization_table(seed: int = 0, size: int = 4096) -> None:
 
 def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
     """The .cu kernel's output against the torch path, bit for bit, on the GPU or emulated."""
-    from .cuda import EmulationUnavailable
     from .cuda import dequantize_4bit as dequantize
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(seed)) * 0.02
     packed, state = quantize_4bit(weight.to(device))
@@ -56,7 +55,7 @@ def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
         start = time.perf_counter()
         out = dequantize(packed, state, torch.bfloat16, backend=backend)
         seconds = time.perf_counter() - start
-    except (EmulationUnavailable, ImportError, RuntimeError) as e:
+    except (ImportError, RuntimeError) as e:       # no compiler (EmulationUnavailable), no CuPy
         print(f"kernel: skipped ({type(e).__name__}: {e})")
         return
     same = torch.equal(out, dequantize(packed, state, torch.bfloat16, backend="torch"))
