@@ -36,7 +36,9 @@ inline void __syncthreads() {}
 
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
-inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+    return {x, y, z, w};
+}
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 template <class T> inline T __ldg(const T* p) { return *p; }
@@ -45,8 +47,10 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 
 inline uint32_t float_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 
-// bfloat16 is the top half of a float32: add half of the dropped part (plus one if the kept
-// part is odd, so that ties go to even), then drop it. NaN becomes 0x7FC0, as in torch.
+// bfloat16 is the top half of a float32: add just under half a step of the kept part (0x7FFF,
+// plus one if the kept part is odd, so that ties go to even), then drop the low half. NaN
+// becomes the quiet NaN 0x7FC0 (NaN bits differ between torch's own code paths and the GPU;
+// quantize_4bit never makes a NaN).
 inline unsigned short float_to_bf16_rn(float x) {
     uint32_t u = float_bits(x);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;

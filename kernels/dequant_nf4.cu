@@ -7,7 +7,7 @@
 //     absmax[b] = dynamic_code[qabsmax[b]] * absmax2[b / 256] + offset      (float32)
 //     out[i]    = code[nibble i] * absmax[i / blocksize]                     (float32, cast once)
 //
-// Launch geometry (minqlora/cuda.py reads the two #defines below from this file):
+// Launch geometry (minqlora/launch.py reads the two #defines below from this file):
 //   * one thread owns BYTES_PER_THREAD consecutive packed bytes = 2 * BYTES_PER_THREAD outputs;
 //     it reads them 16 bytes at a time (one uint4: a single 128-bit load instruction) and
 //     writes its outputs 16 bytes at a time (float4 / uint4 stores);
@@ -87,7 +87,8 @@ __device__ __forceinline__ float block_absmax(long long b, const float* absmax,
                                               const float* absmax2, const float* offset,
                                               int log2_blocksize2) {
     if (!NESTED) return __ldg(absmax + b);
-    float scaled = __fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + (b >> log2_blocksize2)));
+    float scaled = __fmul_rn(__ldg(code2 + __ldg(qabsmax + b)),             // DYNAMIC[qabsmax[b]]
+                             __ldg(absmax2 + (b >> log2_blocksize2)));        // * absmax2[b / 256]
     return __fadd_rn(scaled, __ldg(offset));
 }
 
@@ -115,7 +116,9 @@ __device__ void dequant_4bit(const unsigned char* __restrict__ packed,   // ceil
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long first = thread * (2 * BYTES_PER_THREAD);
     if (first >= n) return;
-    // weights of one absmax block that start inside one 16-byte chunk: 32, or blocksize if less
+    // A chunk is 32 weights starting at a multiple of 32. Blocksizes are powers of two, so a new
+    // absmax block starts every `group` weights inside it: every blocksize weights when the
+    // blocksize is below 32, else only at the chunk's first weight (group = 32).
     const int group = log2_blocksize < 5 ? (1 << log2_blocksize) : 32;
 
     if (first + 2 * BYTES_PER_THREAD <= n) {
@@ -132,6 +135,8 @@ __device__ void dequant_4bit(const unsigned char* __restrict__ packed,   // ceil
                 if ((j & (group - 1)) == 0)                      // a new absmax block starts
                     scale = block_absmax<NESTED>((e0 + j) >> log2_blocksize, absmax, qabsmax,
                                                  code2, absmax2, offset, log2_blocksize2);
+                // byte j / 2 of the 16: word j / 8, shifted by 8 bits per byte before it in the
+                // word (little-endian: a word's first byte is its lowest 8 bits)
                 const unsigned int byte = (words[j / 8] >> (8 * ((j / 2) % 4))) & 0xFF;
                 v[j] = __fmul_rn(table[byte >> 4], scale);       // element 0: the high nibble
                 v[j + 1] = __fmul_rn(table[byte & 0xF], scale);  // element 1: the low nibble

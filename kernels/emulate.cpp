@@ -1,5 +1,5 @@
-// emulate.cpp: run the CUDA kernels of dequant_nf4.cu on the CPU (minqlora/cuda.py builds this
-// with the host C++ compiler and calls the launch_* functions through ctypes).
+// emulate.cpp: run the CUDA kernels of dequant_nf4.cu on the CPU (minqlora/emulate.py builds
+// this with the host C++ compiler and calls the launch_* functions through ctypes).
 //
 // A launch of grid x block threads becomes two loops: over blocks, and inside a block over its
 // threads, one after another. Blocks are independent (no thread waits on another block), so the
@@ -11,7 +11,8 @@
 #include <vector>
 
 template <class... Args>
-static void launch(void (*kernel)(Args...), long long grid, int block, int n_workers, Args... args) {
+static void launch(void (*kernel)(Args...), long long grid, int block, int n_workers,
+                   Args... args) {
     auto run_blocks = [=](long long first, long long last) {
         blockDim = {(unsigned int)block, 1, 1};
         gridDim = {(unsigned int)grid, 1, 1};

@@ -10,7 +10,7 @@ import torch
 
 import minqlora as mq
 from minqlora.bench import best_time, optional, print_table
-from minqlora.cuda import EmulationUnavailable, build_emulation
+from minqlora.emulate import EmulationUnavailable, build_emulation
 
 
 def traffic(n: int, nested: bool, dtype: torch.dtype) -> int:

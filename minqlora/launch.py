@@ -1,0 +1,121 @@
+"""What one launch of the dequantization kernel needs (lesson 05): the source, grid, arguments.
+
+kernels/dequant_nf4.cu gives each GPU thread BYTES_PER_THREAD packed bytes (2 weights per
+byte) and puts THREADS_PER_BLOCK threads in a block, so for n weights
+
+    grid = ceil(n / (THREADS_PER_BLOCK * 2 * BYTES_PER_THREAD)) blocks of THREADS_PER_BLOCK
+
+Worked example: 4096 * 4096 weights at 256 threads x 16 bytes = 8192 weights per block is a
+grid of 2048 blocks. The kernel trusts the sizes it is given, so kernel_args() checks the
+QuantState first: a wrong absmax count would read past the end of a buffer, not raise.
+
+Both launchers use this module: the GPU one (cuda.py, through CuPy) and the CPU emulation
+(emulate.py). The source is read from kernels/, never kept as a Python string.
+"""
+import re
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# kernels/ sits inside minqlora/ in a wheel, beside it in a checkout (editable install)
+KERNELS = next((p for p in (HERE / "kernels", HERE.parent / "kernels")
+                if (p / "dequant_nf4.cu").exists()), HERE / "kernels")
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
+
+
+def kernel_source(name: str = "dequant_nf4.cu") -> str:
+    """The text of a file in kernels/ (shipped in wheels as minqlora/kernels/).
+
+    >>> kernel_source().splitlines()[0][:15]
+    '// dequant_nf4.'
+    """
+    return (KERNELS / name).read_text()
+
+
+def geometry(source: str) -> tuple[int, int]:
+    """(THREADS_PER_BLOCK, BYTES_PER_THREAD) as #defined in the kernel source.
+
+    >>> geometry(kernel_source())
+    (256, 16)
+    """
+    def define(name):
+        found = re.search(rf"#define {name} (\d+)", source)
+        if found is None:
+            raise ValueError(f"kernel source: no `#define {name} <number>` line")
+        return int(found.group(1))
+    return define("THREADS_PER_BLOCK"), define("BYTES_PER_THREAD")
+
+
+def grid(n: int, source: str) -> tuple[int, int]:
+    """(blocks, threads per block) for n weights.
+
+    >>> grid(4096 * 4096, kernel_source()), grid(3, kernel_source()), grid(0, kernel_source())
+    ((2048, 256), (1, 256), (0, 256))
+    """
+    threads, per_thread = geometry(source)
+    return -(-n // (threads * 2 * per_thread)), threads
+
+
+def check_state(packed: torch.Tensor, state, out: torch.Tensor) -> None:
+    """Raise ValueError unless packed, state and out have the sizes and places the kernel reads."""
+    n, bs = state.shape.numel(), state.blocksize
+    n_blocks = -(-n // bs)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
+                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
+    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1) or state.code.numel() > 16:
+        raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2 (got {bs!r}) "
+                         f"and the code at most 16 values (got {state.code.numel()})")
+    if state.absmax.numel() != n_blocks or (state.nested and state.absmax.dtype != torch.uint8):
+        raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if state.nested else ''}"
+                         f"absmax values for {n} weights at blocksize {bs}, "
+                         f"got {state.absmax.numel()} of {state.absmax.dtype}")
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        s2 = state.state2
+        bs2 = s2.blocksize
+        n_offsets = 0 if state.offset is None else state.offset.numel()
+        if (not isinstance(bs2, int) or bs2 < 1 or bs2 & (bs2 - 1) or s2.code.numel() != 256
+                or n_offsets != 1 or s2.absmax.numel() != -(-n_blocks // bs2)):
+            raise ValueError("dequantize_4bit: a nested state needs 256 dynamic-code values, one "
+                             "offset and one absmax2 per state2.blocksize (a power of two) "
+                             f"absmaxes; got {s2.code.numel()}, {n_offsets} and "
+                             f"{s2.absmax.numel()} for {n_blocks} absmaxes at {bs2!r}")
+        tensors += [state.offset, s2.absmax, s2.code]
+    if any(t.device != packed.device for t in tensors):
+        raise ValueError(f"dequantize_4bit: the state must be on {packed.device} like packed "
+                         f"(state.to({str(packed.device)!r}))")
+    if (out.dtype not in SUFFIX or out.shape != (n,) or not out.is_contiguous()
+            or out.device != packed.device or out.data_ptr() % 16):
+        raise ValueError(f"dequantize_4bit: out must be a contiguous, 16-byte aligned ({n},) "
+                         f"float32/bfloat16/float16 tensor on {packed.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
+    """(kernel name, [7 input tensors or None, out], (n, log2 blocksize, log2 blocksize2)), in
+    the order of the kernel's parameters; None where a plain (not nested) kernel has no input.
+
+    >>> from minqlora import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.randn(100), 64)
+    >>> name, tensors, ints = kernel_args(packed, state, torch.empty(100, dtype=torch.bfloat16))
+    >>> name, [None if t is None else t.dtype for t in tensors[2:4]], ints
+    ('dequant_4bit_bf16_nested', [None, torch.uint8], (100, 6, 8))
+    """
+    check_state(packed, state, out)
+    code = torch.nn.functional.pad(state.code.float(), (0, 16 - state.code.numel()))  # (16,) f32
+    packed = packed.reshape(-1)                                          # (ceil(n / 2),) uint8
+    if packed.data_ptr() % 16:               # the kernel loads 16 bytes at a time: align a copy
+        packed = packed.clone()
+    if state.nested:        # qabsmax (n_blocks,) u8, dynamic code (256,), absmax2, offset (1,)
+        s2 = state.state2
+        tensors = [packed, code, None, state.absmax, s2.code.float(), s2.absmax.float(),
+                   state.offset.float().reshape(1)]
+    else:                   # absmax (n_blocks,) float32
+        tensors = [packed, code, state.absmax.float(), None, None, None, None]
+    tensors = [t if t is None else t.contiguous() for t in tensors]
+    bits = out if out.dtype == torch.float32 else out.view(torch.int16)  # 16-bit outputs as bits
+    log2_bs2 = state.state2.blocksize.bit_length() - 1 if state.nested else 0
+    name = f"dequant_4bit_{SUFFIX[out.dtype]}{'_nested' if state.nested else ''}"
+    return name, tensors + [bits], (state.shape.numel(), state.blocksize.bit_length() - 1, log2_bs2)
