@@ -60,13 +60,13 @@ def grid(n: int, source: str) -> tuple[int, int]:
 def check_state(packed: torch.Tensor, state, out: torch.Tensor) -> None:
     """Raise ValueError unless packed, state and out have the sizes and places the kernel reads."""
     n, bs = state.shape.numel(), state.blocksize
-    n_blocks = -(-n // bs)
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
                          f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
     if not isinstance(bs, int) or bs < 2 or bs & (bs - 1) or state.code.numel() > 16:
         raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2 (got {bs!r}) "
                          f"and the code at most 16 values (got {state.code.numel()})")
+    n_blocks = -(-n // bs)
     if state.absmax.numel() != n_blocks or (state.nested and state.absmax.dtype != torch.uint8):
         raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if state.nested else ''}"
                          f"absmax values for {n} weights at blocksize {bs}, "

@@ -216,6 +216,10 @@ def test_bad_input(emulation):
         emulate.launch_emulation(packed, state, torch.empty(101)[1:])    # misaligned out
     with pytest.raises(ValueError, match="out must be"):
         emulate.launch_emulation(packed, state, torch.empty(100, dtype=torch.float64))
+    state.blocksize = 48
+    with pytest.raises(ValueError, match="blocksize must be a power of two >= 2 \\(got 48\\)"):
+        mq.dequantize_4bit(packed, state, backend="emulate")
+    state.blocksize = 64
     state.state2.blocksize = 100                                  # b >> log2 would be wrong
     with pytest.raises(ValueError, match="one absmax2 per state2.blocksize \\(a power of two\\)"):
         mq.dequantize_4bit(packed, state, backend="emulate")
