@@ -3,10 +3,10 @@
 Storage, all in buffers so state_dict() round-trips bit for bit and .to(device) moves them:
 
     weight_packed  uint8   (out*in/2,)          two 4-bit code indices per byte
-    qabsmax        uint8   (n_blocks,)          } double_quant=True (the default):
-    code           float32 (16,)                } the codebook (NF4, FP4 or INT4)
-    absmax2        float32 (n_blocks/256,)      } absmax ~= DYNAMIC[qabsmax] * absmax2 + offset
-    offset         float32 ()                   }
+    qabsmax        uint8   (n_blocks,)          absmax ~= DYNAMIC[qabsmax] * absmax2 + offset
+    code           float32 (16,)                the codebook (NF4, FP4 or INT4)
+    absmax2        float32 (n_blocks/256,)      one scale per 256 absmaxes
+    offset         float32 ()                   the absmaxes' mean
     (double_quant=False: weight_packed, absmax float32 (n_blocks,), code)
 
 Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
@@ -94,12 +94,10 @@ class Linear4bit(nn.Module):
         self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
         self.compute_dtype, self.weight_dtype = compute_dtype, _linear.weight.dtype
         packed, state = quantize_4bit(_linear.weight.detach(), blocksize, quant_type, double_quant)
-        constants = (state.absmax, state.code)
-        if double_quant:
-            constants += (state.state2.absmax, state.offset)
+        nested = (state.state2.absmax, state.offset) if double_quant else ()
         self.register_buffer("weight_packed", packed)
-        for name, t in zip(self._constant_names(), constants):  # clone: the code is a global
-            self.register_buffer(name, t.to(packed.device).clone())
+        for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
+            self.register_buffer(name, t.to(packed.device).clone())     # code: a shared table
         b = _linear.bias
         self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
 
@@ -148,6 +146,6 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize="
-                f"{self.blocksize}, double_quant={self.double_quant}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"compute_dtype={self.compute_dtype}")

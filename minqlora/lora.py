@@ -27,7 +27,12 @@ from torch import nn
 
 
 def check_input(x, in_features: int, where: str) -> None:
-    """A floating-point tensor whose last dimension is in_features, or an error saying so."""
+    """A floating-point tensor whose last dimension is in_features, or an error saying so.
+
+    >>> check_input(torch.zeros(2, 3), 4, "Demo")
+    Traceback (most recent call last):
+    ValueError: Demo: expected input with last dimension 4 (in_features), got shape (2, 3)
+    """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"{where}: expected a floating-point input tensor, got {got}")
