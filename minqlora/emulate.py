@@ -32,7 +32,7 @@ from .launch import grid, kernel_args, kernel_source
 # price of ~430 bytes of the static TLS space the loader keeps for dlopen'ed libraries.
 CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
             "-pthread", "-ftls-model=initial-exec"]
-_BUILT = {}                                     # build key -> loaded library
+_BUILT = {}                                     # (source, shim, emulate.cpp texts) -> library
 
 
 class EmulationUnavailable(RuntimeError):
@@ -47,6 +47,9 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     files = {"dequant_nf4.cu": kernel_source() if source is None else source,
              "cuda_shim.h": kernel_source("cuda_shim.h"),
              "emulate.cpp": kernel_source("emulate.cpp")}
+    texts = tuple(files.values())
+    if texts in _BUILT:                         # the same texts as an earlier call: no disk work
+        return _BUILT[texts]
     names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
     cxx = next(filter(None, map(shutil.which, names)), None)
     if cxx is None:
@@ -54,8 +57,6 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
                                    "(looked for $CXX, c++, g++, clang++); install one, e.g. "
                                    "`apt install g++`, or use backend='torch'")
     key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, cxx)).encode()).hexdigest()[:16]
-    if key in _BUILT:
-        return _BUILT[key]
     lib = _cache_dir() / f"dequant_emulate_{key}.so"
     if not lib.exists():
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
@@ -68,12 +69,12 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
                                    f"{done.stderr}")
             os.replace(Path(tmp, "lib.so"), lib)           # atomic: parallel builders are safe
     try:
-        _BUILT[key] = ctypes.CDLL(str(lib))
+        _BUILT[texts] = ctypes.CDLL(str(lib))
     except OSError as e:        # e.g. "cannot allocate memory in static TLS block"
         raise RuntimeError(f"loading the kernel emulation {lib} failed: {e}. If it is about "
                            "static TLS, set GLIBC_TUNABLES=glibc.rtld.optional_static_tls=4096 "
                            "before starting Python") from None
-    return _BUILT[key]
+    return _BUILT[texts]
 
 
 def _cache_dir() -> Path:

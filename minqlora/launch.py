@@ -13,6 +13,7 @@ Both launchers use this module: the GPU one (cuda.py, through CuPy) and the CPU 
 (emulate.py). The source is read from kernels/, never kept as a Python string.
 """
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,14 +26,22 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  #
 
 
 def kernel_source(name: str = "dequant_nf4.cu") -> str:
-    """The text of a file in kernels/ (shipped in wheels as minqlora/kernels/).
+    """The text of a file in kernels/ (shipped in wheels as minqlora/kernels/), read again only
+    when the file changes (a launch costs microseconds on a GPU, so no disk read per call).
 
     >>> kernel_source().splitlines()[0][:15]
     '// dequant_nf4.'
     """
-    return (KERNELS / name).read_text()
+    path = KERNELS / name
+    return _read(path, path.stat().st_mtime_ns)
 
 
+@lru_cache(maxsize=16)
+def _read(path: Path, mtime_ns: int) -> str:
+    return path.read_text()
+
+
+@lru_cache(maxsize=16)
 def geometry(source: str) -> tuple[int, int]:
     """(THREADS_PER_BLOCK, BYTES_PER_THREAD) as #defined in the kernel source.
 

@@ -4,6 +4,7 @@ and (marked gpu, skipped without CUDA + CuPy) the kernel on a GPU.
 
 Every comparison is bit-for-bit (torch.equal on the raw bits), never a tolerance."""
 import ctypes
+import os
 import re
 import shutil
 import subprocess
@@ -173,6 +174,17 @@ def test_edited_source_is_rebuilt(emulation):
     out = torch.empty(50001)
     emulate.launch_emulation(packed, state, out, source=source)
     assert torch.equal(out, mq.dequantize_4bit(packed, state, backend="torch"))
+
+
+def test_kernel_source_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    """One disk read per version of a file, not one per launch."""
+    monkeypatch.setattr(launch, "KERNELS", tmp_path)
+    (tmp_path / "k.cu").write_text("#define THREADS_PER_BLOCK 128\n#define BYTES_PER_THREAD 16")
+    first = launch.kernel_source("k.cu")
+    assert launch.kernel_source("k.cu") is first and launch.grid(4097, first) == (2, 128)
+    (tmp_path / "k.cu").write_text("#define THREADS_PER_BLOCK 64\n#define BYTES_PER_THREAD 32")
+    os.utime(tmp_path / "k.cu", ns=(0, 10**9))                # a new mtime even on coarse clocks
+    assert launch.geometry(launch.kernel_source("k.cu")) == (64, 32)
 
 
 def test_broken_source_is_a_clear_error(emulation):
