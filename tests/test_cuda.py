@@ -38,9 +38,9 @@ def bits(t):
     return t.reshape(-1).view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
 
 
-def assert_same(packed, state, dtype, backend="emulate", **kw):
+def assert_same(packed, state, dtype, backend="emulate"):
     want = mq.dequantize_4bit(packed, state, dtype, backend="torch")
-    got = mq.dequantize_4bit(packed, state, dtype, backend=backend, **kw)
+    got = mq.dequantize_4bit(packed, state, dtype, backend=backend)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(bits(got.cpu()), bits(want.cpu()))
 
@@ -76,7 +76,7 @@ def test_bit_identical_to_torch(emulation, dtype, nested, blocksize):
     scalar tail), exactly one thread (32), and several blocks of 256 threads (> 8192). The
     quant type rotates with the size, so each case meets NF4, FP4 and INT4 twice. Blocksizes:
     below 32 (several absmax blocks per 32-weight chunk: 2, 16), exactly 32, above (64, 4096);
-    at 2 and 64 the 20001 weights have more than 256 absmaxes, so more than one absmax2."""
+    up to 64 the 20001 weights have more than 256 absmaxes, so more than one absmax2."""
     g = torch.Generator().manual_seed(blocksize)
     for i, n in enumerate((1, 31, 32, 33, 1000, 20001)):
         x = torch.randn(n, generator=g) * 3
