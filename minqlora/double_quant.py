@@ -102,7 +102,9 @@ class QuantState:
         """Per-block absmax in float32, double-dequantized where nested."""
         if not self.nested:
             return self.absmax.float()
-        return double_dequantize(self.absmax, self.state2.absmax, self.offset, self.state2.blocksize)
+        inner = self.state2                                  # the absmaxes' own blockwise state
+        return dequantize_blockwise(self.absmax, inner.absmax, inner.code,
+                                    blocksize=inner.blocksize) + self.offset
 
     def bits_per_param(self) -> float:
         """Storage bits per weight from the format: 4 + constants (4.5, or 4.127 when nested).
