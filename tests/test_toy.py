@@ -81,6 +81,19 @@ def test_pretraining_learns_addition_not_subtraction(base):
     assert mq.toy.pretrain is toy.pretrain and mq.toy.finetune is finetune
 
 
+@torch.no_grad()
+def test_accuracy_is_exact_match_under_greedy_decoding(base):
+    """answer_loss's `correct` (all 3 teacher-forced argmaxes right) is exactly 'greedy decoding
+    from the prompt writes the right answer': the first wrong digit is the same in both."""
+    seqs = toy.make_data("add")["heldout"][:200]
+    _, correct = toy.answer_loss(base, seqs)
+    ids = seqs[:, :6]                                                      # "ab+cd="
+    for _ in range(3):
+        ids = torch.cat([ids, base(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(correct, (ids == seqs).all(1))
+    assert 0 < correct.sum() < 200                                         # both kinds occur
+
+
 def test_every_method_learns_the_new_task_and_leaves_the_base_alone(base, results):
     before = {k: v.clone() for k, v in base.state_dict().items()}
     start = toy.evaluate(base, toy.make_data("sub")["heldout"])[0]
