@@ -154,3 +154,12 @@ def test_quant_state_moves_and_keeps_its_fields():
     assert isinstance(moved, QuantState) and moved.nested and moved.quant_type == "nf4"
     assert torch.equal(moved.absmax_fp32(), state.absmax_fp32())
     assert FP4.numel() == 16
+
+
+def test_absmax_fp32_decodes_with_the_states_own_inner_code():
+    """A nested state carries its code for the absmaxes (state2.code); decoding must use it."""
+    _, state = quantize_4bit(gaussian((4, 64)))
+    halved = QuantState(state.state2.absmax, state.state2.code / 2, 256, state.state2.shape, torch.float32)
+    custom = QuantState(state.absmax, state.code, 64, state.shape, state.dtype, offset=state.offset, state2=halved)
+    expected = DYNAMIC[state.absmax.long()] / 2 * state.state2.absmax + state.offset
+    assert torch.equal(custom.absmax_fp32(), expected)
