@@ -111,6 +111,28 @@ def test_backward_saves_no_full_precision_weight():
     assert x.grad is not None and x.grad.shape == (8, 256)
 
 
+def test_dequantizes_once_in_forward_and_once_in_backward_only_when_needed(monkeypatch):
+    """The only extra work over a bf16 layer: one decode (in compute_dtype) per forward, one
+    more per backward, and none in backward when only the bias needs a gradient."""
+    import minqlora.linear4bit as module
+    calls, real = [], module.dequantize_4bit
+
+    def counting(*args, **kwargs):
+        weight = real(*args, **kwargs)
+        calls.append(weight.dtype)
+        return weight
+
+    monkeypatch.setattr(module, "dequantize_4bit", counting)
+    layer = Linear4bit.from_linear(linear(64, 32))
+    x = gaussian((4, 64)).requires_grad_()
+    out = layer(x)
+    assert calls == [torch.bfloat16]
+    out.sum().backward()
+    assert calls == [torch.bfloat16] * 2
+    layer(x.detach()).sum().backward()                         # only the bias trains
+    assert calls == [torch.bfloat16] * 3 and layer.bias.grad is not None
+
+
 def test_state_dict_round_trips_bit_for_bit():
     layer = Linear4bit.from_linear(linear(64, 48, seed=8), quant_type="nf4")
     buffer = io.BytesIO()
