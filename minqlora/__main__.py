@@ -67,17 +67,19 @@ def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
 def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu", plot=None):
     """Pretrain the toy base, fine-tune it five ways, print the table and the pager's counters."""
     from .finetune import METHODS, finetune
+    from .memory import estimate
     from .pager import Pager
-    from .toy import evaluate, make_data, pretrain
+    from .toy import CONFIG, evaluate, make_data, pretrain
     base = pretrain(seed, steps=600 if quick else 1000, progress=True, device=device)
     add = evaluate(base, make_data("add", seed)["heldout"].to(device))
     sub = evaluate(base, make_data("sub", seed)["heldout"].to(device))
     print(f"base model: held-out addition accuracy {add[1]:.3f}; subtraction (the new task) "
           f"loss {sub[0]:.3f}, accuracy {sub[1]:.3f}")
-    results = []
+    results, state_bytes = [], estimate(CONFIG, "qlora", r=8).optimizer     # 8 B per adapter param
     for method in METHODS:
         # the NF4 run keeps PagedAdamW's state under a budget of half its size (same numerics)
-        pager = Pager(69_632, page_bytes=4096, device=device) if method == "qlora" else None
+        paged = method == "qlora"
+        pager = Pager(state_bytes // 2, page_bytes=4096, device=device) if paged else None
         results.append(finetune(base, method, steps=250 if quick else 500, seed=seed,
                                 pager=pager, progress=True, device=device))
     print(f"\nFine-tuning on subtraction, {len(results[0].losses)} steps each; "
@@ -93,7 +95,8 @@ def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu",
           "The LoRA\nvariants' losses differ by seed-to-seed noise (tens of percent) on this toy; "
           "see lesson 09.")
     stats = results[2].pager_stats
-    print(f"\nPagedAdamW in the NF4 run, budget 69,632 bytes for 139,264 bytes of state:\n"
+    print(f"\nPagedAdamW in the NF4 run, budget {state_bytes // 2:,} bytes for "
+          f"{results[2].bytes['optimizer']:,} bytes of state:\n"
           f"{stats['page_ins']:,} page-ins, {stats['page_outs']:,} page-outs, "
           f"{stats['bytes_moved'] / 1e6:.1f} MB moved, peak {stats['peak_bytes']:,} bytes resident")
     if plot:
