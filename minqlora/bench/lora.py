@@ -4,8 +4,8 @@ Both layers: the same 4096x4096 weight, r = 64, alpha = 16, float32 adapters, bf
 the same bf16 input of 256 tokens (a micro-batch of e.g. 1 x 256) that requires grad, as
 inside a model. The only extra work of QLoRA is dequantizing the weight twice (forward and
 backward); that time is shown on its own line. The cases run interleaved, round after round,
-and each keeps its best time, so a busy machine slows them all alike. --quick: 1024x1024,
-64 tokens.
+and each keeps its best time, so a busy machine slows them all alike; then again on one thread,
+which a shared machine disturbs least. --quick: 1024x1024, 64 tokens.
 """
 import torch
 from torch import nn
@@ -35,15 +35,19 @@ def run(quick: bool = False) -> None:
     cases = {"lora": lambda: _step(lora, x, grad), "qlora": lambda: _step(qlora, x, grad),
              "dequantize": lambda: qlora.base.dequantize(torch.bfloat16),
              "matmul": lambda: nn.functional.linear(x.detach(), lora.base.weight)}
-    best = {name: best_time(fn, repeat=1) for name, fn in cases.items()}   # after one warmup
-    for _ in range(rounds - 1):      # interleaved, best of each: a busy machine hits all alike
-        for name, fn in cases.items():
-            best[name] = min(best[name], best_time(fn, repeat=1, warmup=0))
-    rows = [("LoRA over a bf16 weight", best["lora"]),
+    threads, rows = torch.get_num_threads(), []
+    for n in dict.fromkeys((threads, 1)):   # all threads, then one: steadier on a busy machine
+        torch.set_num_threads(n)
+        best = {name: best_time(fn, repeat=1) for name, fn in cases.items()}  # after a warmup
+        for _ in range(rounds - 1):  # interleaved, best of each: a busy machine hits all alike
+            for name, fn in cases.items():
+                best[name] = min(best[name], best_time(fn, repeat=1, warmup=0))
+        rows += [[n, name, f"{t * 1e3:.1f}", f"{t / best['lora']:.2f}"] for name, t in (
+            ("LoRA over a bf16 weight", best["lora"]),
             ("QLoRA (NF4 + double quant)", best["qlora"]),
             ("  of which 2 x dequantize", 2 * best["dequantize"]),
-            ("  one bf16 matmul, for scale", best["matmul"])]
-    print_table(f"[lora] forward + backward, {size}x{size} weight, {tokens} tokens, r=64, "
-                f"{torch.get_num_threads()} threads, best of {rounds} interleaved rounds "
-                f"(goal: QLoRA within 2x of LoRA)", ["layer", "ms", "x LoRA"],
-                [[name, f"{t * 1e3:.1f}", f"{t / best['lora']:.2f}"] for name, t in rows])
+            ("  one bf16 matmul, for scale", best["matmul"]))]
+    torch.set_num_threads(threads)
+    print_table(f"[lora] forward + backward, {size}x{size} weight, {tokens} tokens, r=64, best "
+                f"of {rounds} interleaved rounds (goal: QLoRA within 2x of LoRA)",
+                ["threads", "layer", "ms", "x LoRA"], rows)
