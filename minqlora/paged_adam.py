@@ -1,21 +1,19 @@
 """PagedAdamW: AdamW whose state lives in a Pager's pages, updated page by page (lesson 08).
 
-AdamW keeps two numbers per trainable parameter, m (exp_avg) and v (exp_avg_sq): 8 bytes
-per parameter in fp32. At step t, with gradient g, elementwise and in torch's order:
+AdamW keeps two numbers per trainable parameter, m (exp_avg) and v (exp_avg_sq): 8 bytes per
+parameter in fp32. At step t, with gradient g, elementwise and in torch's order:
 
     theta <- theta * (1 - lr * weight_decay)
     m     <- m.lerp(g, 1 - beta1)                  # beta1 * m + (1 - beta1) * g
     v     <- v * beta2 + (1 - beta2) * g * g
     theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-Because every line is elementwise, the step can run one page at a time (the pages of m and v
-for elements a..b, with theta[a:b] and g[a:b]), so a budget smaller than one parameter's state
-still trains. The results are bit-identical to torch.optim.AdamW(foreach=False), paged or not.
-Worked example: one parameter 1.0 with gradient 0.5, lr 0.1, no weight decay: m = 0.05,
-v = 0.00025, so theta = 1 - 0.1/0.1 * 0.05 / (0.0158.../0.0316... + 1e-8) = 0.9 (Adam's first
-step moves each weight by lr, whatever the gradient's size).
-
-Paging itself (budgets, eviction, counters, CUDA vs the CPU simulation) is pager.py's job.
+Worked example, lr 0.1, no weight decay, theta 1.0, g 0.5 at t = 1: m = 0.05, v = 0.00025,
+theta = 1 - 0.1 / 0.1 * 0.05 / (0.0158 / 0.0316 + 1e-8) = 0.9 (the first step moves each
+weight by lr, whatever the gradient's size). Every line is elementwise, so the step runs one
+page at a time (a page of m and one of v, with the same elements of theta and g): a budget
+smaller than one parameter's state still trains, bit-identical to torch.optim.AdamW(foreach=
+False). Budgets, eviction, counters and the CPU simulation of the device are pager.py's job.
 """
 import torch
 
@@ -36,14 +34,13 @@ def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW with its state in pages of `pager` (None: a Pager with no budget on the
-    parameters' device, so nothing is ever evicted; pass one with a budget to page).
+    """AdamW with its state in pages of `pager` (None: a Pager without a budget on the
+    parameters' device); is_paged=False keeps plain state tensors, with the same numerics.
 
-    is_paged=False keeps plain state tensors (same numerics). state_dict() has torch AdamW's
-    layout (whole exp_avg / exp_avg_sq tensors, read from wherever the pages are), so it loads
-    into torch.optim.AdamW and back. Float hyperparameters only; no amsgrad, maximize, fused
-    or capturable. On CPU the device is simulated (see pager.py); on CUDA the step prefetches
-    the next chunk's pages on a side stream, a path that has not been run on a GPU yet.
+    state_dict() has torch AdamW's layout, so it loads into torch.optim.AdamW and back. Float
+    hyperparameters only; no amsgrad, maximize, fused or capturable. On a CPU-only machine the
+    pager's device is simulated with host memory (see pager.py); on CUDA the step prefetches the
+    next page pair on a side stream, a path never run on a GPU.
 
     >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     >>> opt = PagedAdamW([w], lr=0.1, weight_decay=0.0)
@@ -59,14 +56,13 @@ class PagedAdamW(torch.optim.Optimizer):
                                 ("betas[0]", betas[0], 0 <= betas[0] < 1),
                                 ("betas[1]", betas[1], 0 <= betas[1] < 1)):
             if not ok:
-                raise ValueError(f"PagedAdamW: {name} must be >= 0" + (" and < 1" if "beta"
-                                 in name else "") + f", got {value!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        self.is_paged = is_paged
+                bound = " and < 1" if name.startswith("betas") else ""
+                raise ValueError(f"PagedAdamW: {name} must be >= 0{bound}, got {value!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
         if pager is None and is_paged:
             pager = Pager(None, device=self.param_groups[0]["params"][0].device)
-        self.pager = pager
+        self.pager, self.is_paged = pager, is_paged
 
     def _init_state(self, p: torch.Tensor) -> dict:
         if p.is_complex() or not p.is_floating_point():
@@ -76,42 +72,44 @@ class PagedAdamW(torch.optim.Optimizer):
                              f"is {self.pager.device}; build Pager(..., device={str(p.device)!r})")
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = {"step": torch.tensor(0.0, dtype=scalar)}   # on CPU, as torch's AdamW keeps it
+        if not self.is_paged:
+            return state | {k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq")}
+        state["exp_avg"] = self.pager.alloc(p.numel(), p.dtype)   # page ids
         try:
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = (self.pager.alloc(p.numel(), p.dtype) if self.is_paged
-                              else torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["exp_avg_sq"] = self.pager.alloc(p.numel(), p.dtype)
         except OutOfBudget:
-            self.pager.free(state.get("exp_avg", ()))       # all or nothing
+            self.pager.free(state["exp_avg"])               # all or nothing
             raise
-        self.state[p] = state
         return state
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step over every parameter with a gradient; returns closure's loss.
-
-        If the budget cannot hold one page of m and one of v beside the reserved bytes, it
-        raises OutOfBudget before anything is updated.
-        """
+        """One AdamW step over every parameter with a gradient; returns closure's loss. If one
+        page of m and one of v cannot fit beside the reserved bytes, it raises OutOfBudget
+        before anything changes."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []   # (param, state, hyperparameters of _adamw_update)
+        work = []   # (param, state, arguments of _adamw_update after lr)
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            for p in (p for p in group["params"] if p.grad is not None):
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW: sparse gradients are not supported")
-                state = self.state.get(p) or self._init_state(p)
-                step = (state["step"] + 1).item()           # as torch: step_t += 1; .item()
+                state = self.state[p] = self.state.get(p) or self._init_state(p)
+                t = (state["step"] + 1).item()               # as torch: step_t += 1; .item()
                 work.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
-                                        lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)))
-        if self.is_paged:
-            self._check_room([pair for _, s, _ in work
-                              for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
+                                        lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)))
+        pager = self.pager
+        if self.is_paged and pager.evict:   # room for a page of m and one of v, or no change
+            need = max((2 * pager.nbytes(s["exp_avg"][0]) for _, s, _ in work if s["exp_avg"]),
+                       default=0)
+            if pager.reserved_bytes + need > pager.budget:
+                raise OutOfBudget(f"PagedAdamW.step: a page of exp_avg and one of exp_avg_sq "
+                                  f"({need} bytes) must fit on the device together, but the "
+                                  f"budget is {pager.budget} bytes with {pager.reserved_bytes} "
+                                  "reserved; nothing was updated")
         for p, state, hyper in work:
             state["step"] += 1
             if not self.is_paged:
@@ -120,49 +118,34 @@ class PagedAdamW(torch.optim.Optimizer):
             self._paged_update(work)
         return loss
 
-    def _check_room(self, pairs) -> None:
-        pager = self.pager
-        need = max((pager.nbytes(pm) + pager.nbytes(pv) for pm, pv in pairs), default=0)
-        if pager.evict and pager.reserved_bytes + need > pager.budget:
-            raise OutOfBudget(f"PagedAdamW.step: a page of exp_avg and one of exp_avg_sq ("
-                              f"{need} bytes) must fit on the device together, but the budget "
-                              f"is {pager.budget} bytes with {pager.reserved_bytes} reserved; "
-                              "nothing was updated")
-
     def _paged_update(self, work) -> None:
-        """Run _adamw_update chunk by chunk: elements a..b of one parameter = one page of m, v."""
-        chunks = []   # (param, flat param, flat grad, start, page of m, page of v, hyper)
+        """_adamw_update on one page of m and one of v at a time, with the same elements of
+        theta and g; meanwhile the next pair is prefetched (on CUDA: on a side stream)."""
+        pairs = iter([pair for _, s, _ in work for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
+        next(pairs, None)
         for p, state, hyper in work:
-            flat, grad = p.reshape(-1), p.grad.reshape(-1)   # (numel,) views if contiguous
-            start = 0
-            for pm, pv in zip(state["exp_avg"], state["exp_avg_sq"]):
-                chunks.append((p, flat, grad, start, pm, pv, hyper))
-                start += self.pager.nbytes(pm) // p.element_size()
-        for i, (p, flat, grad, start, pm, pv, hyper) in enumerate(chunks):
-            with self.pager.use((pm, pv)) as (m, v):         # m, v: (n,) on the device
-                if i + 1 < len(chunks):                      # next chunk's pages, while this
-                    self.pager.prefetch(chunks[i + 1][4:6])  # one updates (CUDA: side stream)
-                n = m.numel()
-                _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *hyper)
-            last_chunk_of_p = i + 1 == len(chunks) or chunks[i + 1][0] is not p
-            if last_chunk_of_p and flat.data_ptr() != p.data_ptr():   # p not contiguous
+            flat, grad, start = p.reshape(-1), p.grad.reshape(-1), 0   # (numel,), views if
+            for pages in zip(state["exp_avg"], state["exp_avg_sq"]):   # p is contiguous
+                with self.pager.use(pages) as (m, v):                  # m, v: (n,) on device
+                    self.pager.prefetch(next(pairs, ()))
+                    n = m.numel()
+                    _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *hyper)
+                start += n
+            if flat.data_ptr() != p.data_ptr():                        # flat was a copy
                 p.copy_(flat.view_as(p))
 
     def state_dict(self) -> dict:
-        """torch AdamW's layout: {"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, ...}, a copy."""
+        """torch AdamW's layout, {"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, ...}: a copy
+        read from wherever the pages are, paging nothing in."""
         sd = super().state_dict()
         if self.is_paged:
             params = [p for group in self.param_groups for p in group["params"]]
-            sd["state"] = {i: {"step": s["step"].clone(),
-                               "exp_avg": self._gather(s["exp_avg"], params[i]),
-                               "exp_avg_sq": self._gather(s["exp_avg_sq"], params[i])}
-                           for i, s in sd["state"].items()}
+            for i, s in sd["state"].items():
+                sd["state"][i] = {"step": s["step"].clone()}   # a new dict: s is self.state[p]
+                for k in ("exp_avg", "exp_avg_sq"):
+                    sd["state"][i][k] = (self.pager.gather(s[k]).view_as(params[i]) if s[k]
+                                         else torch.zeros_like(params[i]))   # s[k]: page ids
         return sd
-
-    def _gather(self, pids, p):
-        if not pids:
-            return torch.zeros_like(p)
-        return self.pager.gather(pids, p.device).view_as(p)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch AdamW's (or PagedAdamW's) state_dict; paged state goes into new pages."""
@@ -173,6 +156,6 @@ class PagedAdamW(torch.optim.Optimizer):
         for state in self.state.values():
             state["step"] = state["step"].clone()   # not shared with the saved dict
             if self.is_paged:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = self.pager.alloc(state[key].numel(), state[key].dtype,
-                                                  data=state[key].reshape(-1))
+                for k in ("exp_avg", "exp_avg_sq"):
+                    state[k] = self.pager.alloc(state[k].numel(), state[k].dtype,
+                                                data=state[k].reshape(-1))
