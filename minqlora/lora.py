@@ -46,8 +46,10 @@ def to_linear(base: nn.Module, delta: torch.Tensor = None) -> nn.Linear:
     """A frozen nn.Linear holding base's weight W (dequantized when 4-bit) + delta, summed in
     float32 and stored in the dtype W had; the bias is copied.
 
-    >>> to_linear(nn.Linear(2, 2, bias=False), delta=torch.ones(2, 2)).weight.shape
-    torch.Size([2, 2])
+    >>> base = nn.Linear(2, 2, bias=False)
+    >>> _ = base.weight.data.copy_(torch.eye(2))                  # W = I
+    >>> to_linear(base, delta=torch.ones(2, 2)).weight.tolist()    # I + ones
+    [[2.0, 1.0], [1.0, 2.0]]
     """
     if isinstance(base, nn.Linear):
         weight, dtype = base.weight.float(), base.weight.dtype                 # (out, in)
