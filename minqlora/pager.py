@@ -50,7 +50,7 @@ class Pager:
         self._cuda, self._ids = self.device.type == "cuda", itertools.count()
         self._pages = {}            # pid -> (n,) tensor, on the device or in host memory
         self._lru = OrderedDict()   # pids of the pages on the device, least recently used first
-        self._in_use, self._events, self._stream = (), {}, None   # `use`; CUDA prefetch
+        self._in_use, self._stream = (), None   # pages `use` holds; CUDA prefetch stream
         self.page_ins = self.page_outs = self.bytes_moved = 0
         self.resident_bytes = self.reserved_bytes = self.peak_bytes = 0
 
@@ -92,7 +92,7 @@ class Pager:
 
     def _move(self, pid: int, to_device: bool, stream=None) -> None:
         """Copy page pid to the device or to host memory (on `stream`: a CUDA side stream)."""
-        self._wait(pid)
+        self._wait()
         page = self._pages[pid]
         new = torch.empty(page.shape, dtype=page.dtype, pin_memory=self._cuda and not to_device,
                           device=self.device if to_device else "cpu")
@@ -107,10 +107,10 @@ class Pager:
         self.bytes_moved += new.nbytes
         self.mark("page_in" if to_device else "page_out", new.nbytes)
 
-    def _wait(self, pid: int) -> None:
-        """CUDA: the current stream waits for pid's prefetch copy (never run on a GPU)."""
-        if pid in self._events:
-            torch.cuda.current_stream(self.device).wait_event(self._events.pop(pid))
+    def _wait(self) -> None:
+        """CUDA: the current stream waits for the prefetch copies (never run on a GPU)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def alloc(self, numel: int, dtype=torch.float32, data=None) -> tuple:
         """Page ids for `numel` elements (zeros, or a copy of 1-D `data`), on the device;
@@ -134,8 +134,8 @@ class Pager:
 
     def free(self, pids) -> None:
         """Forget these pages, wherever they are."""
+        self._wait()
         for pid in pids:
-            self._wait(pid)
             if pid in self._lru:
                 del self._lru[pid]
                 self.resident_bytes -= self.nbytes(pid)
@@ -152,7 +152,7 @@ class Pager:
                     self._make_room(self.nbytes(pid), "use")
                     self._move(pid, to_device=True)
                 self._lru.move_to_end(pid)
-                self._wait(pid)
+            self._wait()
             yield [self._pages[pid] for pid in pids]
         finally:
             self._in_use = ()
@@ -167,8 +167,6 @@ class Pager:
                 self._stream = self._stream or torch.cuda.Stream(self.device)
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
             self._move(pid, to_device=True, stream=self._stream)
-            if self._cuda:
-                self._events[pid] = self._stream.record_event()
 
     def gather(self, pids) -> torch.Tensor:
         """One 1-D copy of the pages' contents, read wherever they are (no paging, no counters)."""
