@@ -149,10 +149,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch AdamW's (or PagedAdamW's) state_dict; paged state goes into new pages."""
-        if self.is_paged:
-            for state in self.state.values():
-                self.pager.free(state["exp_avg"] + state["exp_avg_sq"])
-        super().load_state_dict(state_dict)
+        old = [s[k] for s in self.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        super().load_state_dict(state_dict)   # may raise: then nothing has changed
+        for pids in old if self.is_paged else ():
+            self.pager.free(pids)
         for state in self.state.values():
             state["step"] = state["step"].clone()   # not shared with the saved dict
             if self.is_paged:

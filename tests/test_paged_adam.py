@@ -123,6 +123,8 @@ def test_state_dict_saved_while_evicted_continues_bit_identically():
     buffer.seek(0)
     fresh = PagedAdamW(model.parameters(), pager=Pager(192, page_bytes=64, device="cpu"), **HYPER)
     fresh.load_state_dict(torch.load(buffer))
+    with pytest.raises(ValueError, match="size"):   # another model's state: nothing is lost
+        fresh.load_state_dict(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict())
     twin = copy.deepcopy(model)
     twin_opt = torch.optim.AdamW(twin.parameters(), foreach=False, **HYPER)
     twin_opt.load_state_dict(sd)
