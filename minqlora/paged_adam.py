@@ -91,7 +91,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []   # (param, state, arguments of _adamw_update after lr)
+        work = []   # (param, state, _adamw_update's arguments from lr on)
         for group in self.param_groups:
             (beta1, beta2), lr = group["betas"], group["lr"]
             for p in (p for p in group["params"] if p.grad is not None):
