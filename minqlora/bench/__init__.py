@@ -22,6 +22,21 @@ def best_time(fn, repeat: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
+def interleaved_best(cases: dict, rounds: int = 7) -> dict:
+    """{name: best seconds} of each zero-argument function, over `rounds` rounds in which every
+    case runs once (after one untimed warmup each). Interleaving means a busy machine slows all
+    cases alike, so their ratios stay meaningful."""
+    for fn in cases.values():
+        fn()
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def print_table(title: str, headers, rows) -> None:
     """Print rows (lists of str) under headers as an aligned text table."""
     rows = [[str(c) for c in r] for r in rows]

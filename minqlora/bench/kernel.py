@@ -11,7 +11,7 @@ Goal: the kernel at >= 70% of peak and at least as fast as bitsandbytes.
 import torch
 
 import minqlora as mq
-from minqlora.bench import best_time, optional, print_table
+from minqlora.bench import interleaved_best, optional, print_table
 from minqlora.emulate import EmulationUnavailable, build_emulation
 
 
@@ -50,7 +50,7 @@ def run_cpu(quick: bool = False) -> None:
                                                                          backend="emulate")
             if bnb is not None:
                 fns["bitsandbytes"] = _bnb_pair(bnb, w.to(dtype), nested)
-            times = {name: best_time(fn, repeat=repeat) for name, fn in fns.items()}
+            times = interleaved_best(fns, rounds=repeat)
             ref = times.get("bitsandbytes")
             if ref and emulate:
                 worst = max(worst, times["emulate (.cu on CPU)"] / ref)

@@ -10,7 +10,7 @@ which a shared machine disturbs least. --quick: 1024x1024, 64 tokens.
 import torch
 from torch import nn
 
-from . import best_time, print_table
+from . import interleaved_best, print_table
 from ..linear4bit import Linear4bit
 from ..lora import LoRALinear
 
@@ -38,10 +38,7 @@ def run(quick: bool = False) -> None:
     threads, rows = torch.get_num_threads(), []
     for n in dict.fromkeys((threads, 1)):   # all threads, then one: steadier on a busy machine
         torch.set_num_threads(n)
-        best = {name: best_time(fn, repeat=1) for name, fn in cases.items()}  # after a warmup
-        for _ in range(rounds - 1):  # interleaved, best of each: a busy machine hits all alike
-            for name, fn in cases.items():
-                best[name] = min(best[name], best_time(fn, repeat=1, warmup=0))
+        best = interleaved_best(cases, rounds)
         rows += [[n, name, f"{t * 1e3:.1f}", f"{t / best['lora']:.2f}"] for name, t in (
             ("LoRA over a bf16 weight", best["lora"]),
             ("QLoRA (NF4 + double quant)", best["qlora"]),

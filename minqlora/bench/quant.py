@@ -5,7 +5,7 @@ Goal: faster than torchao on both. Ratios are reference time / minqlora time (>1
 import torch
 
 from ..double_quant import dequantize_4bit, quantize_4bit
-from . import best_time, optional, print_table
+from . import interleaved_best, optional, print_table
 
 
 def references(weight):
@@ -29,12 +29,13 @@ def run(quick: bool = False) -> None:
     size = 1024 if quick else 4096
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).bfloat16()
     packed, state = quantize_4bit(weight)
-    ours_q = best_time(lambda: quantize_4bit(weight))
-    ours_d = best_time(lambda: dequantize_4bit(packed, state))
-    rows = [["minqlora", f"{ours_q * 1e3:.1f}", "1.00", f"{ours_d * 1e3:.1f}", "1.00"]]
-    for name, quantize, dequantize in references(weight):
-        q, d = best_time(quantize), best_time(dequantize)
-        rows.append([name, f"{q * 1e3:.1f}", f"{q / ours_q:.2f}", f"{d * 1e3:.1f}", f"{d / ours_d:.2f}"])
+    cases = {"minqlora": (lambda: quantize_4bit(weight), lambda: dequantize_4bit(packed, state))}
+    cases.update((name, (q, d)) for name, q, d in references(weight))
+    best = interleaved_best({(name, i): fns[i] for name, fns in cases.items() for i in (0, 1)},
+                            rounds=3 if quick else 5)
+    ours_q, ours_d = best["minqlora", 0], best["minqlora", 1]
+    rows = [[name, f"{best[name, 0] * 1e3:.1f}", f"{best[name, 0] / ours_q:.2f}",
+             f"{best[name, 1] * 1e3:.1f}", f"{best[name, 1] / ours_d:.2f}"] for name in cases]
     if len(rows) == 1:
         rows.append(["(torchao, bitsandbytes not installed)", "-", "-", "-", "-"])
     print_table(f"[quant] NF4 + double quant, {size}x{size} bf16, threads={torch.get_num_threads()}",
