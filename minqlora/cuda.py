@@ -82,6 +82,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     """
     if backend not in BACKENDS:
         raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dequantize_4bit: dtype must be a floating-point dtype, got {dtype}")
     if backend == "auto":
         backend = "cuda" if packed.is_cuda and _cupy() is not None else "torch"
     if backend == "torch":

@@ -24,6 +24,7 @@ Note: bitsandbytes' CPU quantize_blockwise finds the nearest 8-bit code through 
 table that can miss by one step on rare values; minqlora picks the exact nearest code, so a
 rare qabsmax byte can differ from bitsandbytes' CPU output (never from the definition).
 """
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -53,6 +54,12 @@ def dynamic_code() -> torch.Tensor:
 
 
 DYNAMIC = dynamic_code()
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_code_on(device: torch.device) -> torch.Tensor:
+    """DYNAMIC on `device`, copied once per device (not once per forward pass)."""
+    return DYNAMIC.to(device)
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256):
@@ -144,7 +151,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_float(x, "quantize_4bit")
     check_blocksize(blocksize, "quantize_4bit")
-    code = get_code(quant_type)
+    code = get_code(quant_type).to(x.device)
     n = x.numel()
     scaled, absmax = scale_blocks(x, blocksize)            # (n_blocks, blocksize), (n_blocks,)
     scaled = scaled.reshape(-1)[: n + n % 2]                # odd n: keep one zero pad value
@@ -154,7 +161,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     state = QuantState(absmax, code, blocksize, x.shape, x.dtype, quant_type)
     if double_quant:
         qabsmax, absmax2, offset = double_quantize(absmax)
-        state2 = QuantState(absmax2, DYNAMIC, 256, absmax.shape, torch.float32, "dynamic")
+        state2 = QuantState(absmax2, dynamic_code_on(x.device), 256, absmax.shape, torch.float32,
+                            "dynamic")
         state = replace(state, absmax=qabsmax, offset=offset, state2=state2)
     return pack_4bit(indices), state
 
@@ -168,6 +176,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None) -> torc
     [0.4407, -1.0, 0.0]
     """
     n = state.shape.numel()
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dequantize_4bit: dtype must be a floating-point dtype, got {dtype}")
+    if state.code.numel() > 16:
+        raise ValueError(f"dequantize_4bit: a 4-bit code has at most 16 entries, "
+                         f"got {state.code.numel()}")
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
                          f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")

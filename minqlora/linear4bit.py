@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .cuda import dequantize_4bit
-from .double_quant import DYNAMIC, QuantState, quantize_4bit
+from .double_quant import QuantState, dynamic_code_on, quantize_4bit
 from .lora import check_input
 
 
@@ -40,7 +40,7 @@ def make_state(layout: tuple, absmax, code, absmax2=None, offset=None) -> QuantS
     absmax2 and offset given, `absmax` is the uint8 qabsmax of a double-quantized state."""
     shape, blocksize, quant_type, dtype = layout
     state2 = None if absmax2 is None else QuantState(     # the absmaxes' own state
-        absmax2, DYNAMIC.to(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
+        absmax2, dynamic_code_on(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
     return QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type, offset, state2)
 
 

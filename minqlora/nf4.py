@@ -70,9 +70,12 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     >>> pack_4bit(torch.tensor([1, 2, 15])).tolist()
     [18, 240]
     """
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"pack_4bit: indices must be an integer tensor, got {indices.dtype}")
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) <= 15:
+        raise ValueError(f"pack_4bit: indices must be in 0..15, got range "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
     flat = indices.reshape(-1).to(torch.uint8)
-    if flat.numel() and int(flat.max()) > 15:
-        raise ValueError(f"pack_4bit: indices must be in 0..15, got max {int(flat.max())}")
     if flat.numel() % 2:
         flat = torch.nn.functional.pad(flat, (0, 1))
     pairs = flat.view(-1, 2)                                  # (n_bytes, 2)

@@ -369,3 +369,19 @@ def test_gpu_auto_stream_and_misaligned_input(monkeypatch):
     shifted = torch.cat([torch.zeros(1, dtype=torch.uint8, device="cuda"), packed])[1:]
     assert shifted.data_ptr() % 16
     assert_same(shifted, state, torch.float16, backend="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_gpu_quantize_keeps_the_state_on_the_gpu_and_matches_the_cpu(quant_type):
+    """quantize_4bit of a CUDA tensor: every state tensor on the GPU (the kernel checks that),
+    and the same bytes and absmax as on the CPU (double quant's mean may reduce in another
+    order on the GPU, so it is compared on the plain state)."""
+    x = torch.randn(1000, 77, generator=torch.Generator().manual_seed(0))
+    packed, state = mq.quantize_4bit(x.cuda(), 64, quant_type)
+    on_gpu = [packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    assert all(t.is_cuda for t in on_gpu)
+    packed, state = mq.quantize_4bit(x.cuda(), 64, quant_type, double_quant=False)
+    cpu_packed, cpu_state = mq.quantize_4bit(x, 64, quant_type, double_quant=False)
+    assert torch.equal(packed.cpu(), cpu_packed) and torch.equal(state.absmax.cpu(), cpu_state.absmax)

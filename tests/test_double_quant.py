@@ -163,3 +163,18 @@ def test_absmax_fp32_decodes_with_the_states_own_inner_code():
     custom = QuantState(state.absmax, state.code, 64, state.shape, state.dtype, offset=state.offset, state2=halved)
     expected = DYNAMIC[state.absmax.long()] / 2 * state.state2.absmax + state.offset
     assert torch.equal(custom.absmax_fp32(), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulate"])
+def test_a_non_float_output_dtype_is_refused(backend):
+    packed, state = quantize_4bit(gaussian((4, 64)))
+    with pytest.raises(TypeError, match="floating-point dtype, got torch.int32"):
+        dequantize_4bit(packed, state, dtype=torch.int32, backend=backend)
+
+
+def test_a_code_longer_than_16_entries_is_refused():
+    packed, state = quantize_4bit(gaussian((4, 64)), double_quant=False)
+    state.code = DYNAMIC
+    with pytest.raises(ValueError, match="at most 16 entries, got 256"):
+        dequantize_4bit(packed, state)
+

@@ -60,8 +60,12 @@ def test_pack_unpack_round_trip(indices):
 
 
 def test_pack_and_unpack_refuse_bad_input():
-    with pytest.raises(ValueError, match="0..15"):
-        pack_4bit(torch.tensor([16]))
+    with pytest.raises(ValueError, match=r"0..15, got range \[1, 256\]"):
+        pack_4bit(torch.tensor([256, 1]))               # would wrap to [0, 1] as uint8
+    with pytest.raises(ValueError, match=r"got range \[-1, 3\]"):
+        pack_4bit(torch.tensor([3, -1]))
+    with pytest.raises(TypeError, match="integer tensor, got torch.float32"):
+        pack_4bit(torch.tensor([1.7, 2.2]))
     with pytest.raises(TypeError, match="uint8"):
         unpack_4bit(torch.tensor([1, 2]), 2)
     with pytest.raises(ValueError, match="at most 4"):
