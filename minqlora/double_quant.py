@@ -85,6 +85,18 @@ def double_dequantize(qabsmax, absmax2, offset, blocksize: int = 256) -> torch.T
     return dequantize_blockwise(qabsmax, absmax2, DYNAMIC, blocksize=blocksize) + offset
 
 
+def constants_nbytes(n: int, blocksize: int = 64, double_quant: bool = True,
+                     blocksize2: int = 256) -> int:
+    """Bytes of the constants for n weights: float32 absmax per block, or, double quantized,
+    uint8 per block + float32 absmax2 per blocksize2 blocks + one float32 offset.
+
+    >>> constants_nbytes(4096 * 4096, double_quant=False), constants_nbytes(4096 * 4096)
+    (1048576, 266244)
+    """
+    blocks = -(-n // blocksize)
+    return blocks + 4 * -(-blocks // blocksize2) + 4 if double_quant else 4 * blocks
+
+
 @dataclass
 class QuantState:
     """Everything needed to decode packed 4-bit bytes, laid out like bitsandbytes' QuantState.

@@ -26,6 +26,8 @@ the bytes actually held by the toy model of toy.py and by qlora.py's layers.
 """
 from dataclasses import dataclass, fields
 
+from .double_quant import constants_nbytes
+
 METHODS = ("full16", "lora16", "qlora")
 KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads")
@@ -132,7 +134,7 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
         n_q = [i * o for _, i, o in shapes]
         weights -= L * sum(n_q) * weight_bits // 8
         weights += L * sum((n + 1) // 2 for n in n_q)
-        constants = L * sum(_constants_bytes(n, blocksize, double_quant) + CODEBOOK_BYTES
+        constants = L * sum(constants_nbytes(n, blocksize, double_quant) + CODEBOOK_BYTES
                             for n in n_q)
     per_token = h if gradient_checkpointing else 10 * h + 3 * m
     return Estimate(
@@ -141,13 +143,6 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
         gradients=trainable * grad_bits // 8,
         optimizer=trainable * (optimizer_bytes + (4 if master_weights else 0)),
         activations=L * batch_size * seq_len * per_token * activation_bits // 8)
-
-
-def _constants_bytes(n: int, blocksize: int, double_quant: bool) -> int:
-    """Bytes of QuantState constants for n values: float32 absmax per block, or, double
-    quantized, uint8 per block + float32 absmax2 per 256 blocks + a float32 offset."""
-    blocks = -(-n // blocksize)
-    return blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
 
 
 def _config(config) -> dict:

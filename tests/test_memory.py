@@ -32,13 +32,13 @@ def test_qlora_weights_cost_4_127_bits():
     """One 4096x4096 linear: 8,388,608 bytes of NF4, 262,144 qabsmax + 4,096 absmax2 + 4 offset
     = 266,244 bytes of constants (qlora.py's worked example), 4.127 bits per weight."""
     n = 4096 * 4096
-    assert memory._constants_bytes(n, 64, True) == 266_244
-    assert memory._constants_bytes(n, 64, False) == 4 * n // 64
+    assert memory.constants_nbytes(n, 64, True) == 266_244
+    assert memory.constants_nbytes(n, 64, False) == 4 * n // 64
     e = memory.estimate("llama-65b", "qlora", r=1)
     n_q = 80 * sum(i * o for _, i, o in memory.linear_shapes("llama-65b"))
     assert 8 * (e.weights + e.quant_constants - 2 * 2 * 32000 * 8192 - 2 * 161 * 8192) / n_q \
         == pytest.approx(4.127, abs=1e-3)
-    assert e.quant_constants == 80 * sum(memory._constants_bytes(i * o, 64, True) + 64
+    assert e.quant_constants == 80 * sum(memory.constants_nbytes(i * o, 64, True) + 64
                                          for _, i, o in memory.linear_shapes("llama-65b"))
 
 

@@ -12,6 +12,7 @@ import torch
 
 import minqlora as mq
 from minqlora.bench import interleaved_best, optional, print_table
+from minqlora.double_quant import constants_nbytes
 from minqlora.emulate import EmulationUnavailable, build_emulation
 
 
@@ -21,8 +22,7 @@ def traffic(n: int, nested: bool, dtype: torch.dtype) -> int:
     >>> traffic(4096 * 4096, True, torch.bfloat16)   # 8 MiB + 256 KiB + 4 KiB + 4 B + 32 MiB
     42209284
     """
-    constants = n // 64 + 4 * (n // 64 // 256) + 4 if nested else 4 * (n // 64)
-    return n // 2 + constants + n * torch.finfo(dtype).bits // 8
+    return (n + 1) // 2 + constants_nbytes(n, 64, nested) + n * torch.finfo(dtype).bits // 8
 
 
 def _bnb_pair(bnb, w, nested):
