@@ -8,7 +8,8 @@
     qlora-int4  INT4 + double quantization             LoRA on all linears    PagedAdamW
 
 Everything else is shared: the data (toy.make_data("sub")), the seed, the batches, the
-schedule. lora16 and the qlora variants differ only in how the frozen linear weights are
+schedule (torch's OneCycleLR with its defaults, which also cycles AdamW's beta1 between 0.85
+and 0.95). lora16 and the qlora variants differ only in how the frozen linear weights are
 stored (bf16 vs 4 bits); both compute in bf16 and keep float32 adapters (PEFT's default) and
 the embedding, norms and lm_head frozen in float32 (QLoRA also leaves lm_head unquantized).
 

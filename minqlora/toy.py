@@ -123,6 +123,7 @@ class ToyLM(nn.Module):
 def pretrain(seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 5e-3,
              config: dict = CONFIG, progress: bool = False, device="cpu") -> ToyLM:
     """The base model: ToyLM trained on "add" for `steps` AdamW steps, deterministic for `seed`.
+    Schedule: OneCycleLR with torch's defaults (it also cycles beta1 between 0.85 and 0.95).
 
     The global RNG is left as it was. `model.pretrain_losses` keeps the loss curve.
     device="cuda" trains on a GPU (NOT run on one yet; the init is always drawn on the CPU).
