@@ -108,6 +108,9 @@ class Linear4bit(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_linear: expected an nn.Linear, "
                             f"got {type(linear).__name__}")
+        if {"device", "dtype"} & kwargs.keys():
+            raise TypeError("Linear4bit.from_linear: the weight is quantized where it is, in its "
+                            "dtype; move the result with .to(device) instead of device=/dtype=")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
                    _linear=linear, **kwargs)
 

@@ -241,3 +241,8 @@ def test_bad_input_and_arguments_say_what_was_expected():
         Linear4bit(16, 8, blocksize=48)
     with pytest.raises(TypeError, match="from_linear: expected an nn.Linear, got Conv1d"):
         Linear4bit.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_from_linear_refuses_device_and_dtype_it_would_ignore():
+    with pytest.raises(TypeError, match=r"\.to\(device\)"):
+        Linear4bit.from_linear(nn.Linear(64, 8), device="cpu")
