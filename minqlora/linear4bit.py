@@ -32,6 +32,7 @@ from torch import nn
 
 from .cuda import dequantize_4bit
 from .double_quant import QuantState, dynamic_code_on, quantize_4bit
+from .nf4 import CODES
 from .lora import check_input
 
 
@@ -42,6 +43,13 @@ def make_state(layout: tuple, absmax, code, absmax2=None, offset=None) -> QuantS
     state2 = None if absmax2 is None else QuantState(     # the absmaxes' own state
         absmax2, dynamic_code_on(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
     return QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type, offset, state2)
+
+
+def _name_loaded_code(layer, incompatible_keys) -> None:
+    """After load_state_dict, quant_type names the code table that was loaded (an fp4 checkpoint
+    in an nf4 layer); decoding always uses the loaded table itself."""
+    code = layer.code.cpu()
+    layer.quant_type = next((name for name, c in CODES.items() if torch.equal(c, code)), "custom")
 
 
 class Linear4bitFunction(torch.autograd.Function):
@@ -100,6 +108,7 @@ class Linear4bit(nn.Module):
             self.register_buffer(name, t.to(packed.device).clone())     # code: a shared table
         b = _linear.bias
         self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
+        self.register_load_state_dict_post_hook(_name_loaded_code)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":

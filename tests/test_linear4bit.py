@@ -246,3 +246,14 @@ def test_bad_input_and_arguments_say_what_was_expected():
 def test_from_linear_refuses_device_and_dtype_it_would_ignore():
     with pytest.raises(TypeError, match=r"\.to\(device\)"):
         Linear4bit.from_linear(nn.Linear(64, 8), device="cpu")
+
+
+def test_loading_another_formats_checkpoint_renames_quant_type():
+    """The code table travels in the state_dict; quant_type follows it, outputs match."""
+    linear = nn.Linear(64, 16)
+    fp4 = Linear4bit.from_linear(linear, quant_type="fp4")
+    layer = Linear4bit(64, 16)                       # nf4 by default
+    layer.load_state_dict(fp4.state_dict())
+    assert layer.quant_type == "fp4" and "quant_type=fp4" in repr(layer)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), fp4(x))
