@@ -128,7 +128,7 @@ def test_bad_arguments_say_what_was_expected(kwargs, message):
 
 
 def test_the_tour_prints_the_memory_table(capsys):
-    from minqlora.__main__ import memory_table
+    from minqlora.tour import memory_table
     memory_table()
     out = capsys.readouterr().out
     assert "llama-65b" in out and "(here 784 GB)" in out and "(here 44.7 GB)" in out
