@@ -3,14 +3,8 @@
     python -m minqlora [tour] [--seed N] [--quick] [--device cpu|cuda] [--plot PATH]
     python -m minqlora bench [--only SECTION ...] [--quick]
 
-The tour (about 70 s on a 2-core CPU; --quick: about 35 s) prints, in the paper's order:
-  1. quantization  error and bits per parameter of int4 / FP4 / NF4, without and with double
-                   quantization, on a seeded Gaussian weight
-  2. kernel        the CUDA dequantization kernel (on a GPU) or its CPU emulation vs the torch path
-  3. fine-tuning   a mini-LLaMA pretrained on addition, fine-tuned on subtraction five ways:
-                   full, 16-bit LoRA, QLoRA with NF4 / FP4 / int4 (progress bars on stderr)
-  4. paging        PagedAdamW's counters in the NF4 run, its state under a budget of half its size
-  5. memory        the calculator's table for LLaMA 7B to 65B and the paper's headline
+The tour (about 70 s on a 2-core CPU; --quick: about 35 s) prints, in the paper's order, the
+sections listed in minqlora/tour.py (shown below in --help).
 The bench runs speed checks against torchao / bitsandbytes where installed (minqlora/bench/).
 Honest note: the tour's GPU path (--device cuda) was written but has NOT been run on a GPU yet.
 """
@@ -20,7 +14,10 @@ import torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minqlora", description=__doc__,
+    from . import tour as tour_module                     # its docstring lists the sections
+    sections = tour_module.__doc__.split("\n\n")[1]
+    parser = argparse.ArgumentParser(prog="python -m minqlora",
+                                     description=f"{__doc__}\n{sections}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="tour", choices=["tour", "bench"],
                         help="tour (default): the whole story; bench: speed checks")

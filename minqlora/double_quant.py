@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_blocksize, check_float
-from .blockwise import blocks_of, dequantize_blockwise, nearest_code, quantize_blockwise, scale_blocks
+from .blockwise import dequantize_blockwise, nearest_code, quantize_blockwise, scale_blocks
 from .nf4 import get_code, pack_4bit
 
 QUANT_TYPES = ("nf4", "fp4", "int4")

@@ -19,7 +19,6 @@ upcasting layer norms; this function only swaps layers and freezes.
 """
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .linear4bit import Linear4bit

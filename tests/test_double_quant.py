@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from minqlora import (DYNAMIC, FP4, NF4, QuantState, double_dequantize, double_quantize,
-                      dequantize_4bit, dynamic_code, quantize_4bit, unpack_4bit)
+                      dequantize_4bit, quantize_4bit, unpack_4bit)
 from minqlora.nf4 import get_code
 
 

@@ -7,7 +7,7 @@ import torch
 
 import minqlora as mq
 from minqlora import memory, toy
-from minqlora.finetune import METHODS, convert, finetune
+from minqlora.finetune import METHODS, finetune
 
 STEPS = 100          # finetune's default is 500; 100 keeps this file near 25 s, margins below
 
