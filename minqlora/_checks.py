@@ -1,4 +1,10 @@
-"""Input checks shared by the quantizers: each error says what was wrong and what was expected."""
+"""Input checks shared by every lesson's functions: each error says what was wrong and what was
+expected, and names the function (`where`) the caller called.
+
+>>> check_blocksize(48, "quantize_4bit")
+Traceback (most recent call last):
+ValueError: quantize_4bit: blocksize must be a power of two >= 2, got 48
+"""
 import torch
 
 
@@ -16,11 +22,17 @@ def check_float(x, where: str) -> None:
                          f"Inf) out of {x.numel()}; quantization needs finite numbers")
 
 
-def check_blocksize(blocksize, where: str) -> None:
+def check_dtype(dtype, where: str) -> None:
+    """None (keep the stored dtype) or a floating-point torch.dtype to decode into."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{where}: dtype must be a floating-point dtype, got {dtype}")
+
+
+def check_blocksize(blocksize, where: str, name: str = "blocksize") -> None:
     """A power of two >= 2, as bitsandbytes' kernels need."""
     if (not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2
             or blocksize & (blocksize - 1)):
-        raise ValueError(f"{where}: blocksize must be a power of two >= 2, got {blocksize!r}")
+        raise ValueError(f"{where}: {name} must be a power of two >= 2, got {blocksize!r}")
 
 
 def check_bits(bits, where: str) -> None:
@@ -28,16 +40,17 @@ def check_bits(bits, where: str) -> None:
         raise ValueError(f"{where}: bits must be an integer from 2 to 16, got {bits!r}")
 
 
-def check_code(code, where: str) -> None:
-    """A 1-D float codebook, strictly increasing, inside [-1, 1], at most 256 entries."""
+def check_code(code, where: str, most: int = 256, increasing: bool = True) -> None:
+    """A 1-D float codebook of 2 to `most` entries inside [-1, 1]; strictly increasing unless
+    increasing=False (a 4-bit code may be stored in bit order, as FP4 is)."""
     if not isinstance(code, torch.Tensor) or code.dim() != 1 or not code.is_floating_point():
         raise ValueError(f"{where}: code must be a 1-D floating-point tensor")
-    if not 2 <= code.numel() <= 256:
-        raise ValueError(f"{where}: code must have 2 to 256 entries (indices are uint8), "
+    if not 2 <= code.numel() <= most:
+        raise ValueError(f"{where}: code must have 2 to {most} entries (one per index), "
                          f"got {code.numel()}")
     if not torch.isfinite(code).all() or code.min() < -1 or code.max() > 1:
         raise ValueError(f"{where}: code values must lie in [-1, 1], got range "
                          f"[{code.min().item()!r}, {code.max().item()!r}]")
-    if not (code[1:] > code[:-1]).all():
+    if increasing and not (code[1:] > code[:-1]).all():
         raise ValueError(f"{where}: code must be sorted in strictly increasing order "
                          "(the nearest-code search uses midpoints between neighbours)")

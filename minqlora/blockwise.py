@@ -15,17 +15,25 @@ bitsandbytes' rule, and why its bytes and ours agree.
 Worked example, code = [-1, 0, 1] (midpoints -0.5, 0.5), blocksize 2, x = [0.2, -0.8, 3, 1.5]:
 absmax = [0.8, 3], s = [0.25, -1, 1, 0.5], q = [1, 0, 2, 1], x_hat = [0, -0.8, 3, 0].
 
-An all-zero block stores absmax 0 and decodes to zeros (never NaN). The last block may be
-partial; it gets its own absmax. Which codebook to use is the business of nf4.py; packing two
-4-bit indices per byte too.
+The last block may be partial; it gets its own absmax. An all-zero block stores absmax 0 and
+decodes to zeros (never NaN): as bitsandbytes does, the reciprocal is taken of the absmax
+clamped to TINY, so its zeros scale to 0 * 1/TINY = 0. Which codebook to use is the business
+of nf4.py; packing two 4-bit indices per byte too.
 """
 import torch
 
-from ._checks import check_blocksize, check_code, check_float
+from ._checks import check_blocksize, check_code, check_dtype, check_float
 
-# An all-zero block's absmax is clamped to this before taking 1/absmax (as bitsandbytes does),
-# so its values scale to 0, not NaN. A block whose absmax is below it (subnormal) decodes to 0.
-_TINY = 1e-38
+TINY = 1e-38  # the reciprocal is taken of max(absmax, TINY): finite for an all-zero block
+
+
+def ceil_div(n: int, d: int) -> int:
+    """ceil(n / d) for integers: how many blocks of d hold n values.
+
+    >>> ceil_div(10, 4), ceil_div(8, 4), ceil_div(0, 4)
+    (3, 2, 0)
+    """
+    return -(-n // d)
 
 
 def blocks_of(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -48,12 +56,12 @@ def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     """
     blocks = blocks_of(x.reshape(-1).float(), blocksize)               # (n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)                                    # (n_blocks,) float32
-    scaled = blocks * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)
+    scaled = blocks * (1.0 / absmax.clamp(min=TINY)).unsqueeze(1)
     return scaled.clamp_(-1.0, 1.0), absmax
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code entry; exactly on a midpoint -> the lower index. int64.
+    """Index of the nearest entry of the sorted `code`; exactly on a midpoint -> the lower index.
 
     >>> nearest_code(torch.tensor([0.25, -1.0, 1.0, 0.5]), torch.tensor([-1.0, 0.0, 1.0])).tolist()
     [1, 0, 2, 1]
@@ -67,7 +75,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `x` blockwise onto `code`. Returns (indices uint8 in x's shape, absmax float32).
 
-    >>> q, a = quantize_blockwise(torch.tensor([0.2, -0.8, 3.0, 1.5]), torch.tensor([-1., 0., 1.]), 2)
+    >>> x, code = torch.tensor([0.2, -0.8, 3.0, 1.5]), torch.tensor([-1.0, 0.0, 1.0])
+    >>> q, a = quantize_blockwise(x, code, 2)
     >>> q.tolist(), a.tolist()
     ([1, 0, 2, 1], [0.800000011920929, 3.0])
     """
@@ -80,30 +89,24 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
 
 
 def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                         shape=None, dtype: torch.dtype = torch.float32, blocksize: int = 64
-                         ) -> torch.Tensor:
-    """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`.
-
-    `shape` is the shape to return (default: the indices' shape); `indices` hold one code
-    index per value, in flat order, and `absmax` one float per block of `blocksize` values.
+                         blocksize: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`, in
+    the indices' shape (one code index per value; one absmax per block of `blocksize` values,
+    counted in flat order).
 
     >>> dequantize_blockwise(torch.tensor([1, 0, 2, 1], dtype=torch.uint8),
-    ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), blocksize=2).tolist()
+    ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), 2).tolist()
     [0.0, -0.800000011920929, 3.0, 0.0]
     """
     check_blocksize(blocksize, "dequantize_blockwise")
-    shape = indices.shape if shape is None else torch.Size(shape)
-    n = shape.numel()
-    if indices.numel() != n:
-        raise ValueError(f"dequantize_blockwise: {indices.numel()} indices cannot fill shape "
-                         f"{tuple(shape)} ({n} values)")
+    check_dtype(dtype, "dequantize_blockwise")
+    n = indices.numel()
     if n and int(indices.max()) >= code.numel():
         raise ValueError(f"dequantize_blockwise: index {int(indices.max())} is outside the "
                          f"{code.numel()}-entry code")
-    n_blocks = -(-n // blocksize)
-    if absmax.numel() != n_blocks:
-        raise ValueError(f"dequantize_blockwise: expected {n_blocks} absmax values for {n} values "
-                         f"at blocksize {blocksize}, got {absmax.numel()}")
-    values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]
+    if absmax.numel() != ceil_div(n, blocksize):
+        raise ValueError(f"dequantize_blockwise: expected {ceil_div(n, blocksize)} absmax values "
+                         f"for {n} values at blocksize {blocksize}, got {absmax.numel()}")
+    values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]   # (n,) float32
     values = blocks_of(values, blocksize) * absmax.float().reshape(-1, 1)  # (n_blocks, blocksize)
-    return values.reshape(-1)[:n].to(dtype).reshape(shape)
+    return values.reshape(-1)[:n].to(dtype or torch.float32).reshape(indices.shape)

@@ -1,5 +1,5 @@
+"""Fixtures shared by several test files (plain helpers are in helpers.py)."""
 import pytest
-import torch
 
 
 @pytest.fixture
@@ -10,5 +10,12 @@ def bnb_functional():
     return F
 
 
-def gaussian(shape, seed=0, dtype=torch.float32):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+@pytest.fixture(scope="session")
+def emulation():
+    """The kernel's CPU emulation, built (once per session) from kernels/, or skip without a
+    C++ compiler."""
+    from minqlora.emulate import EmulationUnavailable, build_emulation
+    try:
+        return build_emulation()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))

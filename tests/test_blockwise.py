@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from minqlora import INT4, NF4, dequantize_blockwise, dynamic_code, quantize_blockwise
+from minqlora.blockwise import TINY, ceil_div, dequantize_blockwise, quantize_blockwise
+from minqlora.double_quant import DYNAMIC
+from minqlora.nf4 import INT4, NF4
 
 TERNARY = torch.tensor([-1.0, 0.0, 1.0])  # midpoints -0.5 and 0.5
 
@@ -15,7 +17,7 @@ def test_golden_vector():
     q, absmax = quantize_blockwise(torch.tensor([0.2, -0.8, 3.0, 1.5]), TERNARY, blocksize=2)
     assert q.tolist() == [1, 0, 2, 1] and q.dtype == torch.uint8
     assert absmax.tolist() == pytest.approx([0.8, 3.0]) and absmax.dtype == torch.float32
-    x_hat = dequantize_blockwise(q, absmax, TERNARY, blocksize=2)
+    x_hat = dequantize_blockwise(q, absmax, TERNARY, 2)          # blocksize 4th, as lesson 02
     assert x_hat.tolist() == pytest.approx([0.0, -0.8, 3.0, 0.0])
 
 
@@ -25,22 +27,39 @@ def test_tie_goes_to_lower_index_just_above_goes_up():
     assert q.tolist() == [2, 1, 0, 2]
 
 
+def test_ceil_div():
+    assert [ceil_div(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
 def test_partial_last_block_gets_its_own_absmax_and_zero_block_decodes_to_zero():
     x = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 0.5])   # blocks [0 0 0 0] [2 -1 0.5]
     q, absmax = quantize_blockwise(x, INT4, blocksize=4)
-    assert absmax.tolist() == [0.0, 2.0]
+    assert absmax.tolist() == [0.0, 2.0] and q[:4].tolist() == [7] * 4   # INT4[7] = 0
     x_hat = dequantize_blockwise(q, absmax, INT4, blocksize=4)
     assert torch.isfinite(x_hat).all() and x_hat[:4].tolist() == [0.0] * 4
     assert x_hat[4:].tolist() == pytest.approx([2.0, -1 / 7 * 2 * 4, 2 / 7 * 2], abs=1e-6)
+
+
+def test_tiny_absmax_is_scaled_by_1_over_tiny_as_bitsandbytes_does():
+    """A block whose absmax is below TINY (a float32 subnormal) is scaled by 1 / TINY, not by its
+    own reciprocal (which may overflow): 5e-39 * 1e38 = 0.5 -> the code 0 (-1 and 1 are 1 away)
+    and -2.5e-39 -> -0.25 -> 0; decoded within the absmax, never NaN."""
+    x = torch.tensor([5e-39, -2.5e-39, 1e-39, 0.0])
+    q, absmax = quantize_blockwise(x, TERNARY, blocksize=4)
+    assert TINY == 1e-38 and absmax.item() == x[0].item()
+    assert q.tolist() == [1, 1, 1, 1]
+    x_hat = dequantize_blockwise(q, absmax, TERNARY, 4)
+    assert torch.isfinite(x_hat).all() and (x_hat - x).abs().max() <= absmax
 
 
 @pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), (2, 3, 4, 5)])
 def test_any_rank_and_empty_round_trip_in_shape(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     q, absmax = quantize_blockwise(x, NF4, blocksize=4)
-    assert q.shape == x.shape and absmax.numel() == -(-x.numel() // 4)
-    x_hat = dequantize_blockwise(q, absmax, NF4, blocksize=4)
-    assert x_hat.shape == x.shape
+    assert q.shape == x.shape and absmax.numel() == ceil_div(x.numel(), 4)
+    x_hat = dequantize_blockwise(q, absmax, NF4, blocksize=4, dtype=torch.bfloat16)
+    assert x_hat.shape == x.shape and x_hat.dtype == torch.bfloat16
+    assert torch.equal(x_hat, dequantize_blockwise(q, absmax, NF4, blocksize=4).to(torch.bfloat16))
 
 
 def test_non_contiguous_input_matches_its_contiguous_copy():
@@ -65,6 +84,10 @@ def test_bad_input_is_refused_with_a_reason():
         quantize_blockwise(torch.tensor([1.0, float("inf"), -float("inf")]), NF4)
     with pytest.raises(ValueError, match="expected 2 absmax"):
         dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(3), NF4, blocksize=4)
+    with pytest.raises(ValueError, match="dequantize_blockwise: blocksize must be a power of two"):
+        dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(3), NF4, 3)
+    with pytest.raises(TypeError, match="floating-point dtype, got torch.int64"):
+        dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(2), NF4, 4, torch.long)
 
 
 def half_widest_gap(code):
@@ -75,7 +98,7 @@ def half_widest_gap(code):
 @given(arrays("float32", st.integers(1, 300), elements=st.floats(-1e3, 1e3, width=32)),
        st.sampled_from([2, 8, 64]), st.sampled_from(["nf4", "int4", "dynamic"]))
 def test_round_trip_within_half_the_widest_gap_times_absmax(values, blocksize, name):
-    code = {"nf4": NF4, "int4": INT4, "dynamic": dynamic_code()}[name]
+    code = {"nf4": NF4, "int4": INT4, "dynamic": DYNAMIC}[name]
     x = torch.from_numpy(values)
     q, absmax = quantize_blockwise(x, code, blocksize)
     err = (dequantize_blockwise(q, absmax, code, blocksize=blocksize) - x).abs()
@@ -86,7 +109,7 @@ def test_round_trip_within_half_the_widest_gap_times_absmax(values, blocksize, n
 def test_dequantize_matches_bitsandbytes_on_our_bytes(bnb_functional):
     """bitsandbytes' dequantize_blockwise reads our indices and absmax the same way."""
     x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    code = dynamic_code()
+    code = DYNAMIC
     q, absmax = quantize_blockwise(x, code, blocksize=256)
     state = bnb_functional.QuantState(absmax=absmax, code=code, blocksize=256, dtype=torch.float32)
     ref = bnb_functional.dequantize_blockwise(q, state)

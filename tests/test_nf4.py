@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minqlora import FP4, INT4, NF4, nf4_code, pack_4bit, unpack_4bit
+from minqlora.nf4 import (CODES, FP4, INT4, NF4, NF4_OFFSET, get_code, nf4_code, pack_4bit,
+                         unpack_4bit)
 
 # bitsandbytes' published NF4 table (functional.get_4bit_type("nf4")): minqlora must BUILD it.
 NF4_REFERENCE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -25,19 +26,37 @@ def test_nf4_shape_of_the_construction():
 
 
 def test_offset_is_the_mean_of_the_two_half_bin_choices():
-    assert (1 - 1 / 30 + 1 - 1 / 32) / 2 == pytest.approx(0.9677083, abs=1e-7)
+    """NF4_OFFSET, to its 7 digits, is (1 - 1/(2*15) + 1 - 1/(2*16)) / 2, and nf4_code()
+    builds NF4 from it."""
+    assert NF4_OFFSET == round((1 - 1 / 30 + 1 - 1 / 32) / 2, 7) == 0.9677083
+    assert torch.equal(nf4_code(NF4_OFFSET), NF4)
 
 
-def test_a_different_offset_gives_a_different_code():
+def test_the_offset_sets_the_largest_quantile():
+    """The largest positive quantile is norm.ppf(offset) before scaling to 1, so the second
+    largest code is norm.ppf(p_2) / norm.ppf(offset): bitsandbytes' 0.7229568 at the default."""
+    from scipy.stats import norm
+    p = torch.linspace(NF4_OFFSET, 0.5, 9)[:2].double()
+    assert NF4[14].item() == pytest.approx(norm.ppf(p[1]) / norm.ppf(p[0]), rel=1e-6)
     other = nf4_code(0.99)
     assert other[0] == -1 and other[-1] == 1 and not torch.equal(other, NF4)
+    q = torch.linspace(0.99, 0.5, 9)[:2].double()
+    assert other[14].item() == pytest.approx(norm.ppf(q[1]) / norm.ppf(q[0]), rel=1e-6)
 
 
 def test_fp4_and_int4_tables():
     """FP4: sign bit + [0, 0.0625, 8, 12, 4, 6, 2, 3]/12 in bit order. INT4: -7..7 over 7."""
     assert FP4[:8].tolist() == pytest.approx([0, 0.0625 / 12, 2 / 3, 1, 1 / 3, 0.5, 1 / 6, 0.25])
     assert torch.equal(FP4[8:], -FP4[:8])
+    assert FP4.numel() == 16
     assert INT4.numel() == 15 and INT4[7] == 0 and INT4[0] == -1 and INT4[-1] == 1
+
+
+def test_codes_is_the_one_registry_of_named_tables():
+    assert sorted(CODES) == ["fp4", "int4", "nf4"]
+    assert get_code("nf4") is NF4 and get_code("fp4") is FP4 and get_code("int4") is INT4
+    with pytest.raises(ValueError, match=r"unknown quant_type 'nf5'; choose one of"):
+        get_code("nf5")
 
 
 def test_tables_match_bitsandbytes(bnb_functional):
