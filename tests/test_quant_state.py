@@ -1,0 +1,235 @@
+"""quant_state.py: quantize_4bit, the QuantState, and decode_4bit (the format's definition)."""
+import pytest
+import torch
+from helpers import gaussian
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from minqlora.double_quant import DYNAMIC
+from minqlora.nf4 import CODES, FP4, INT4, NF4, get_code, unpack_4bit
+from minqlora.quant_state import (QuantState, absmax_state, check_state, decode_4bit,
+                                  quantize_4bit)
+
+
+def decode_by_hand(packed, absmax, code, n, blocksize):
+    """The format's definition, written independently: code[nibble] * absmax[i // blocksize]."""
+    nibbles = unpack_4bit(packed.reshape(-1), n).long()
+    return code[nibbles] * absmax.float().repeat_interleave(blocksize)[:n]
+
+
+def test_golden_small_weight():
+    """[0.5, -1, 0]: absmax 1; 0.5 lies below the midpoint 0.5016 of NF4[12]=0.4407 and
+    NF4[13]=0.5626 -> 12; -1 -> 0; 0 -> 7; the odd count is padded with the code of 0 (7)."""
+    packed, state = quantize_4bit(torch.tensor([0.5, -1.0, 0.0]), double_quant=False)
+    assert packed.tolist() == [0xC0, 0x77] and state.absmax.tolist() == [1.0]
+    assert decode_4bit(packed, state).tolist() == [NF4[12].item(), -1.0, 0.0]
+
+
+def test_bits_per_param_is_the_papers_arithmetic():
+    """4 + 32/64 = 4.5 without, 4 + 8/64 + 32/(64 * 256) = 4.126953125 with double quant."""
+    x = gaussian((256, 256))
+    assert quantize_4bit(x, double_quant=False)[1].bits_per_param() == 4.5
+    assert quantize_4bit(x, double_quant=True)[1].bits_per_param() == 4.126953125
+    assert quantize_4bit(x, blocksize=128)[1].bits_per_param() == 4 + 8 / 128 + 32 / (128 * 256)
+
+
+def test_measured_bytes_match_the_arithmetic():
+    """1024 x 1024 at blocksize 64: 16384 blocks. Plain: 16384 * 4 bytes of absmax.
+    Nested: 16384 qabsmax bytes + 64 absmax2 floats + 1 offset float."""
+    x = gaussian((1024, 1024))
+    packed, plain = quantize_4bit(x, double_quant=False)
+    assert packed.numel() == 1024 * 512 and plain.nbytes() == 16384 * 4
+    assert quantize_4bit(x)[1].nbytes() == 16384 + 64 * 4 + 4
+
+
+CASES = [((64, 64), 128, torch.float32), ((4097,), 64, torch.bfloat16),
+         ((333, 7), 64, torch.float16), ((3, 5, 67), 32, torch.float32), ((256, 512), 256, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape,blocksize,dtype", CASES)
+def test_bytes_and_absmax_match_bitsandbytes(bnb_functional, shape, blocksize, dtype, quant_type):
+    x = gaussian(shape, seed=blocksize, dtype=dtype)
+    packed, state = quantize_4bit(x, blocksize, quant_type, double_quant=False)
+    ref_packed, ref_state = bnb_functional.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    assert torch.equal(packed, ref_packed.reshape(-1))
+    assert torch.equal(state.absmax, ref_state.absmax)
+    # bitsandbytes' bytes decoded by minqlora equal the definition (its own CPU dequantize
+    # is wrong for 2-D rows shorter than the blocksize, so it is not the oracle here).
+    code = get_code(quant_type)
+    expected = decode_by_hand(ref_packed, ref_state.absmax, code, x.numel(), blocksize)
+    got = decode_4bit(ref_packed.reshape(-1), state, dtype=torch.float32)
+    assert torch.equal(got.reshape(-1), expected)
+    assert torch.equal(decode_4bit(packed, state).reshape(-1), expected.to(dtype))
+
+
+@pytest.mark.parametrize("shape,blocksize,dtype", CASES)
+def test_double_quant_matches_bitsandbytes(bnb_functional, shape, blocksize, dtype):
+    """offset and absmax2 match exactly; qabsmax is the exact nearest dynamic code, which
+    bitsandbytes' CPU lookup table misses by one step on rare values."""
+    x = gaussian(shape, seed=7, dtype=dtype)
+    packed, state = quantize_4bit(x, blocksize, "nf4", double_quant=True)
+    ref_packed, ref = bnb_functional.quantize_4bit(x, blocksize=blocksize, quant_type="nf4",
+                                                   compress_statistics=True)
+    assert torch.equal(packed, ref_packed.reshape(-1))
+    assert torch.equal(state.offset, ref.offset) and torch.equal(state.state2.absmax, ref.state2.absmax)
+    assert torch.equal(state.state2.code, ref.state2.code)
+    differ = state.absmax.int() - ref.absmax.int()
+    assert differ.abs().max() <= 1 and (differ != 0).sum() <= max(1, differ.numel() // 50)
+    # exact nearest code: no other dynamic code is closer to (absmax - offset) / absmax2
+    plain = quantize_4bit(x, blocksize, "nf4", double_quant=False)[1].absmax
+    target = ((plain - state.offset) * (1 / state.state2.absmax).repeat_interleave(256)[: plain.numel()]).clamp(-1, 1)
+    chosen = (DYNAMIC[state.absmax.long()] - target).abs()
+    assert (chosen <= (DYNAMIC[None, :] - target[:, None]).abs().min(dim=1).values).all()
+    assert (chosen <= (DYNAMIC[ref.absmax.long()] - target).abs()).all()  # never worse than bnb
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_zero_and_subnormal_blocks_match_bitsandbytes(bnb_functional, quant_type):
+    """Both take the reciprocal of max(absmax, 1e-38): an all-zero block and blocks whose absmax
+    is a float32 subnormal give the same bytes and absmaxes (full blocks; bitsandbytes stores a
+    partial block's absmax clamped, minqlora as it is)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(64), torch.randn(64, generator=g) * 3e-39,
+                   torch.randn(64, generator=g) * 7e-45, torch.randn(64, generator=g)])
+    packed, state = quantize_4bit(x, 64, quant_type, double_quant=False)
+    ref_packed, ref = bnb_functional.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+    assert torch.equal(packed, ref_packed.reshape(-1)) and torch.equal(state.absmax, ref.absmax)
+    assert state.absmax[0] == 0 and 0 < state.absmax[2] < 1e-43
+    assert torch.equal(decode_4bit(packed, state),
+                       bnb_functional.dequantize_4bit(ref_packed, ref).reshape(-1))
+
+
+def test_all_zero_block_decodes_to_zeros_and_odd_count_pads_with_code_of_zero():
+    x = torch.cat([torch.zeros(64), torch.tensor([0.3, -0.2, 0.1])])
+    packed, state = quantize_4bit(x, double_quant=False)
+    assert state.absmax[0] == 0 and packed[-1].item() & 0xF == 7
+    out = decode_4bit(packed, state)
+    assert torch.isfinite(out).all() and (out[:64] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (1,), (5, 3), (2, 3, 4)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_shapes_dtypes_round_trip(shape, double_quant):
+    x = gaussian(shape, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(x, double_quant=double_quant)
+    out = decode_4bit(packed, state)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert decode_4bit(packed, state, dtype=torch.float16).dtype == torch.float16
+
+
+def test_non_contiguous_input():
+    x = gaussian((32, 48)).t()
+    a, b = quantize_4bit(x)[0], quantize_4bit(x.contiguous())[0]
+    assert torch.equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays("float32", st.integers(1, 600), elements=st.floats(-100, 100, width=32)),
+       st.sampled_from([2, 16, 64, 256]), st.sampled_from(list(CODES)))
+def test_round_trip_within_half_the_widest_gap(values, blocksize, quant_type):
+    x = torch.from_numpy(values)
+    packed, state = quantize_4bit(x, blocksize, quant_type, double_quant=False)
+    code = get_code(quant_type).sort().values
+    half_gap = ((code[1:] - code[:-1]).max() / 2).item()
+    bound = half_gap * state.absmax.repeat_interleave(blocksize)[: x.numel()]
+    assert ((decode_4bit(packed, state) - x).abs() <= bound * (1 + 1e-5) + 1e-30).all()
+
+
+def test_a_custom_code_is_used_as_given_and_recorded_as_custom():
+    """A 4-bit table of 5 values in no particular order: every index points into it as given,
+    each value goes to its nearest entry, and NF4's quant_type is overridden."""
+    code = torch.tensor([0.5, -1.0, 0.0, 1.0, -0.25])
+    x = torch.tensor([0.9, -0.1, -0.2, 0.3, -1.0, 0.0, 0.7])      # absmax 1: s = x
+    packed, state = quantize_4bit(x, quant_type="nf4", double_quant=False, code=code)
+    assert state.quant_type == "custom" and torch.equal(state.code, code)
+    assert unpack_4bit(packed, 7).tolist() == [3, 2, 4, 0, 1, 2, 0]    # 0.3 -> 0.5, 0.7 -> 0.5
+    assert decode_4bit(packed, state).tolist() == [1.0, 0.0, -0.25, 0.5, -1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("name", list(CODES))
+def test_a_named_table_passed_as_code_gives_the_same_bytes(name):
+    """NF4, FP4 (stored in bit order, with -0 and +0) and INT4 (15 values) through code=."""
+    x = gaussian((70, 33), seed=4)
+    packed, state = quantize_4bit(x, 32, quant_type=name)
+    custom_packed, custom = quantize_4bit(x, 32, code=get_code(name).clone())
+    assert torch.equal(custom_packed, packed) and torch.equal(custom.absmax, state.absmax)
+    assert custom.quant_type == "custom" and torch.equal(decode_4bit(custom_packed, custom),
+                                                         decode_4bit(packed, state))
+
+
+def test_a_bad_custom_code_is_refused():
+    for bad, message in [(torch.linspace(-1, 1, 17), r"2 to 16 entries .*, got 17"),
+                         (torch.tensor([-2.0, 0.0, 1.0]), r"\[-1, 1\]"),
+                         (torch.tensor([[0.0, 1.0]]), "1-D floating-point"),
+                         (torch.tensor([0, 1]), "1-D floating-point")]:
+        with pytest.raises(ValueError, match=message):
+            quantize_4bit(torch.ones(4), code=bad)
+
+
+def test_bad_input_is_refused_with_a_reason():
+    with pytest.raises(TypeError, match="torch.int32"):
+        quantize_4bit(torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\) \(1 NaN"):
+        quantize_4bit(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="power of two >= 2, got 48"):
+        quantize_4bit(torch.ones(4), blocksize=48)
+    with pytest.raises(ValueError, match=r"choose one of \['fp4', 'int4', 'nf4'\]"):
+        quantize_4bit(torch.ones(4), quant_type="nf5")
+    packed, state = quantize_4bit(torch.ones(10))
+    with pytest.raises(ValueError, match="decode_4bit: expected 5 uint8 bytes"):
+        decode_4bit(packed[:4], state)
+    with pytest.raises(TypeError, match="floating-point dtype, got torch.int32"):
+        decode_4bit(packed, state, dtype=torch.int32)
+
+
+def test_quant_state_moves_and_keeps_its_fields():
+    packed, state = quantize_4bit(gaussian((8, 64)))
+    moved = state.to("meta")
+    assert isinstance(moved, QuantState) and moved.nested and moved.quant_type == "nf4"
+    assert all(t.is_meta for t in (moved.absmax, moved.code, moved.offset, moved.state2.absmax,
+                                   moved.state2.code))
+    assert (moved.blocksize, moved.shape, moved.dtype) == (64, (8, 64), torch.float32)
+    assert not state.absmax.is_meta                           # a new state; the old one stays
+
+
+def test_absmax_state_is_the_nested_states_state2():
+    """quantize_4bit builds state2 with absmax_state: DYNAMIC, blocksize 256, one shape entry
+    per absmax; the code is one shared copy per device."""
+    _, state = quantize_4bit(gaussian((40, 64)))
+    inner = absmax_state(state.state2.absmax, 40)
+    for field in ("blocksize", "shape", "dtype", "quant_type", "offset", "state2"):
+        assert getattr(inner, field) == getattr(state.state2, field), field
+    assert (inner.blocksize, inner.shape, inner.quant_type) == (256, (40,), "dynamic")
+    assert torch.equal(inner.code, DYNAMIC) and inner.code is state.state2.code
+
+
+def test_absmax_fp32_decodes_with_the_states_own_inner_code():
+    """A nested state carries its code for the absmaxes (state2.code); decoding must use it."""
+    _, state = quantize_4bit(gaussian((4, 64)))
+    halved = QuantState(absmax=state.state2.absmax, code=state.state2.code / 2, blocksize=256,
+                        shape=state.state2.shape, dtype=torch.float32)
+    custom = QuantState(absmax=state.absmax, code=state.code, blocksize=64, shape=state.shape,
+                        dtype=state.dtype, offset=state.offset, state2=halved)
+    expected = DYNAMIC[state.absmax.long()] / 2 * state.state2.absmax + state.offset
+    assert torch.equal(custom.absmax_fp32(), expected)
+
+
+def test_check_state_names_what_does_not_fit():
+    packed, state = quantize_4bit(torch.randn(100), 64)           # 2 blocks, 1 absmax2
+    check_state(packed, state, "here")                              # fits: no error
+    cases = [(dict(blocksize=48), r"here: blocksize must be a power of two >= 2, got 48"),
+             (dict(blocksize=32), "expected 4 uint8 qabsmax values for 100 weights at "
+                                  "blocksize 32, got 2 of torch.uint8"),
+             (dict(absmax=state.absmax.float()), "expected 2 uint8 qabsmax values"),
+             (dict(code=DYNAMIC), "a 4-bit code has at most 16 entries, got 256"),
+             (dict(offset=None), "one offset and one absmax2 per state2.blocksize absmaxes; "
+                                 "got 0 and 1 for 2 absmaxes at 256")]
+    for change, message in cases:
+        broken = QuantState(**{**state.__dict__, **change})
+        with pytest.raises(ValueError, match=message):
+            check_state(packed, broken, "here")
+    state.state2.blocksize = 100
+    with pytest.raises(ValueError, match="state2.blocksize must be a power of two >= 2, got 100"):
+        check_state(packed, state, "here")
