@@ -27,9 +27,10 @@ import torch
 
 from .launch import grid, kernel_args, kernel_source
 
-# -ffp-contract=off: no fused multiply-add (bit-identity); initial-exec: the shim's thread_local
-# threadIdx / __shared__ cost one %fs-relative load instead of a call (1.5-2.5x faster), at the
-# price of ~430 bytes of the static TLS space the loader keeps for dlopen'ed libraries.
+# -ffp-contract=off: no fused multiply-add (bit-identity); initial-exec: each access to the
+# shim's thread_local threadIdx / __shared__ is one %fs-relative load instead of a call to
+# __tls_get_addr, at the price of ~430 bytes of the static TLS space the loader keeps for
+# dlopen'ed libraries.
 CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
             "-pthread", "-ftls-model=initial-exec"]
 _BUILT = {}                                     # (source, shim, emulate.cpp texts) -> library
@@ -97,7 +98,7 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
     """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16): every
     (block, thread) of the grid, the blocks split over n_workers threads (default: torch's).
 
-    Worked example (test_golden_plain in tests/test_cuda.py runs it; not a doctest, because a
+    Worked example (test_golden_plain in tests/test_emulate.py runs it; not a doctest, because a
     machine without a C++ compiler must be able to skip it): bytes [0x0F, 0x70], NF4, one
     absmax 2.0, n = 3 -> out = [NF4[0] * 2, NF4[15] * 2, NF4[7] * 2] = [-2.0, 2.0, 0.0], the
     last nibble being padding. The grid is one block: thread 0 takes the tail path, threads

@@ -7,7 +7,7 @@ byte) and puts THREADS_PER_BLOCK threads in a block, so for n weights
 
 Worked example: 4096 * 4096 weights at 256 threads x 16 bytes = 8192 weights per block is a
 grid of 2048 blocks. The kernel trusts the sizes it is given, so kernel_args() checks the
-QuantState first: a wrong absmax count would read past the end of a buffer, not raise.
+QuantState first (check_launch): a wrong absmax count would read past a buffer, not raise.
 
 Both launchers use this module: the GPU one (cuda.py, through CuPy) and the CPU emulation
 (emulate.py). The source is read from kernels/, never kept as a Python string.
@@ -17,6 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .blockwise import ceil_div
+from .quant_state import check_state
 
 HERE = Path(__file__).resolve().parent
 # kernels/ sits inside minqlora/ in a wheel, beside it in a checkout (editable install)
@@ -63,35 +66,21 @@ def grid(n: int, source: str) -> tuple[int, int]:
     ((2048, 256), (1, 256), (0, 256))
     """
     threads, per_thread = geometry(source)
-    return -(-n // (threads * 2 * per_thread)), threads
+    return ceil_div(n, threads * 2 * per_thread), threads
 
 
-def check_state(packed: torch.Tensor, state, out: torch.Tensor) -> None:
-    """Raise ValueError unless packed, state and out have the sizes and places the kernel reads."""
-    n, bs = state.shape.numel(), state.blocksize
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise ValueError(f"dequantize_4bit: expected {(n + 1) // 2} uint8 bytes for shape "
-                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
-    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1) or state.code.numel() > 16:
-        raise ValueError(f"dequantize_4bit: blocksize must be a power of two >= 2 (got {bs!r}) "
-                         f"and the code at most 16 values (got {state.code.numel()})")
-    n_blocks = -(-n // bs)
-    if state.absmax.numel() != n_blocks or (state.nested and state.absmax.dtype != torch.uint8):
-        raise ValueError(f"dequantize_4bit: expected {n_blocks} {'uint8 q' if state.nested else ''}"
-                         f"absmax values for {n} weights at blocksize {bs}, "
-                         f"got {state.absmax.numel()} of {state.absmax.dtype}")
+def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
+    """Raise ValueError unless packed, state and out have the sizes and places the kernel reads:
+    quant_state.check_state's rules, a 256-value dynamic code when nested, every tensor on
+    packed's device, and `out` a contiguous, 16-byte aligned (n,) float32/bf16/fp16 tensor."""
+    check_state(packed, state, "dequantize_4bit")
+    n = state.shape.numel()
     tensors = [state.absmax, state.code]
     if state.nested:
-        s2 = state.state2
-        bs2 = s2.blocksize
-        n_offsets = 0 if state.offset is None else state.offset.numel()
-        if (not isinstance(bs2, int) or bs2 < 1 or bs2 & (bs2 - 1) or s2.code.numel() != 256
-                or n_offsets != 1 or s2.absmax.numel() != -(-n_blocks // bs2)):
-            raise ValueError("dequantize_4bit: a nested state needs 256 dynamic-code values, one "
-                             "offset and one absmax2 per state2.blocksize (a power of two) "
-                             f"absmaxes; got {s2.code.numel()}, {n_offsets} and "
-                             f"{s2.absmax.numel()} for {n_blocks} absmaxes at {bs2!r}")
-        tensors += [state.offset, s2.absmax, s2.code]
+        if state.state2.code.numel() != 256:       # the kernel reads code2[qabsmax], 0..255
+            raise ValueError(f"dequantize_4bit: a nested state's state2.code must have 256 "
+                             f"values, got {state.state2.code.numel()}")
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
     if any(t.device != packed.device for t in tensors):
         raise ValueError(f"dequantize_4bit: the state must be on {packed.device} like packed "
                          f"(state.to({str(packed.device)!r}))")
@@ -112,7 +101,7 @@ def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
     >>> name, [None if t is None else t.dtype for t in tensors[2:4]], ints
     ('dequant_4bit_bf16_nested', [None, torch.uint8], (100, 6, 8))
     """
-    check_state(packed, state, out)
+    check_launch(packed, state, out)
     code = torch.nn.functional.pad(state.code.float(), (0, 16 - state.code.numel()))  # (16,) f32
     packed = packed.reshape(-1)                                          # (ceil(n / 2),) uint8
     if packed.data_ptr() % 16:               # the kernel loads 16 bytes at a time: align a copy

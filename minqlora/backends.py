@@ -1,0 +1,85 @@
+"""dequantize_4bit: the 4-bit format decoded by a backend of choice, all alike (lesson 05).
+
+    "torch"    decode_in_chunks below: vectorised PyTorch, on any device;
+    "cuda"     kernels/dequant_nf4.cu on the GPU through CuPy (cuda.py; `pip install -e ".[gpu]"`);
+    "emulate"  the same .cu compiled for the CPU and run thread by thread (emulate.py).
+    "auto" is "cuda" for CUDA tensors when CuPy can be imported, else "torch". A backend that
+    cannot run raises; nothing falls back quietly to another one.
+
+All three compute lesson 04's definition (quant_state.decode_4bit), out[i] = code[nibble i] *
+absmax[i // blocksize] in float32, cast once; tests/test_backends.py proves them bit-identical.
+The torch backend reshapes the definition for speed:
+
+    pairs[byte] = (code[byte >> 4], code[byte & 15])     a (256, 2) table: one lookup per byte
+    out[chunk]  = embedding(packed[chunk], pairs) * absmax[block]     CHUNK values per step
+
+Worked example: byte 0xC0 of an NF4 weight looks up pairs[192] = (NF4[12], NF4[0]) =
+(0.4407, -1.0); with absmax 2 it decodes to (0.8814, -2.0). A 4096x4096 weight is 64 chunks
+of 2^18 values, each a few passes over data that stays in the CPU's cache.
+"""
+import torch
+
+from ._checks import check_dtype
+from .cuda import INSTALL, cupy_or_none, launch_cuda
+from .emulate import launch_emulation
+from .launch import SUFFIX
+from .quant_state import QuantState, check_state
+
+BACKENDS = ("auto", "torch", "cuda", "emulate")
+CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough to stay in cache
+
+
+def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> None:
+    """The "torch" backend: decode packed bytes into `out` ((n,) of any float dtype) with a
+    byte -> (high, low) code table, CHUNK values at a time."""
+    code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32),
+                                   (0, 16 - state.code.numel()))       # INT4 leaves index 15 unused
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
+    absmax = state.absmax_fp32().to(packed.device)                    # (n_blocks,) float32
+    blocksize, n_blocks, n = state.blocksize, absmax.numel(), out.numel()
+    data = packed.reshape(-1)
+    if data.numel() * 2 < n_blocks * blocksize:                       # a partial last block
+        data = torch.nn.functional.pad(data, (0, n_blocks * blocksize // 2 - data.numel()))
+    step = max(1, CHUNK // blocksize)                                  # blocks per chunk
+    for b in range(0, n_blocks, step):
+        first, last = b * blocksize, min((b + step) * blocksize, n)   # values of this chunk
+        chunk = data[first // 2:(b + step) * blocksize // 2].int()    # whole blocks of bytes
+        values = torch.nn.functional.embedding(chunk, pairs)          # (bytes, 2) float32
+        values = values.view(-1, blocksize).mul_(absmax[b:b + step, None])   # (blocks, blocksize)
+        out[first:last] = values.view(-1)[:last - first]              # the one cast to dtype
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend: str = "auto"):
+    """packed bytes + state -> the weight in state.shape (default dtype: state.dtype), decoded by
+    `backend`; all backends give the same bits.
+
+    >>> from minqlora import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.tensor([0.5, -1.0, 0.0]), double_quant=False)
+    >>> [round(v, 4) for v in dequantize_4bit(packed, state).tolist()]   # CPU: auto is torch
+    [0.4407, -1.0, 0.0]
+
+    The kernels write float32, bfloat16 or float16; another dtype (float64) is decoded in float32
+    and cast, which is exact, as on the torch path.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_dtype(dtype, "dequantize_4bit")
+    check_state(packed, state, "dequantize_4bit")
+    if backend == "auto":
+        backend = "cuda" if packed.is_cuda and cupy_or_none() is not None else "torch"
+    if backend == "cuda" and not packed.is_cuda:
+        missing = ("torch sees no CUDA GPU on this machine" if not torch.cuda.is_available() else
+                   "packed is on the CPU; move it and the state to the GPU "
+                   "(packed.cuda(), state.to('cuda'))")
+        cupy = "" if cupy_or_none() is not None else f"; it also needs CuPy: {INSTALL}"
+        raise ValueError(f"dequantize_4bit(backend='cuda'): {missing}{cupy}. "
+                         "backend='emulate' runs the same kernel on the CPU")
+    if backend == "emulate" and packed.device.type != "cpu":
+        raise ValueError("dequantize_4bit(backend='emulate'): needs CPU tensors, got "
+                         f"{packed.device}; use backend='cuda' on a GPU")
+    dtype = dtype or state.dtype
+    written = dtype if backend == "torch" or dtype in SUFFIX else torch.float32
+    out = torch.empty(state.shape.numel(), dtype=written, device=packed.device)   # (n,)
+    launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation}
+    launch[backend](packed, state, out)
+    return out.to(dtype).view(state.shape)
