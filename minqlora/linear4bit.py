@@ -22,27 +22,35 @@ Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 K
 only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_dtype and
 returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
-Left to other modules: the storage format (double_quant.py), the dequantize backend (cuda.py:
-"auto" picks torch on CPU and would pick the CUDA kernel for CUDA tensors with CuPy; that path
-has never been run with this layer, as no GPU was at hand), the adapters (lora.py) and
-whole-model conversion (qlora.py).
+Left to other modules: the storage format (quant_state.py), the dequantize backend
+(backends.py: "auto" picks the torch path on a CPU and the CUDA kernel for CUDA tensors with
+CuPy), the adapters (lora.py) and whole-model conversion (qlora.py).
 """
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from .cuda import dequantize_4bit
-from .double_quant import QuantState, dynamic_code_on, quantize_4bit
-from .nf4 import CODES
+from .backends import dequantize_4bit
 from .lora import check_input
+from .nf4 import CODES
+from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
-def make_state(layout: tuple, absmax, code, absmax2=None, offset=None) -> QuantState:
-    """QuantState from a layout (shape, blocksize, quant_type, dtype) and the constants; with
-    absmax2 and offset given, `absmax` is the uint8 qabsmax of a double-quantized state."""
-    shape, blocksize, quant_type, dtype = layout
-    state2 = None if absmax2 is None else QuantState(     # the absmaxes' own state
-        absmax2, dynamic_code_on(absmax2.device), 256, absmax.shape, torch.float32, "dynamic")
-    return QuantState(absmax, code, blocksize, torch.Size(shape), dtype, quant_type, offset, state2)
+class Layout(NamedTuple):
+    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd)."""
+    shape: torch.Size
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype
+
+    def state(self, absmax, code, absmax2=None, offset=None) -> QuantState:
+        """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
+        qabsmax of a double-quantized state."""
+        nested = {} if absmax2 is None else dict(offset=offset,
+                                                 state2=absmax_state(absmax2, absmax.numel()))
+        return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
+                          dtype=self.dtype, quant_type=self.quant_type, **nested)
 
 
 def _name_loaded_code(layer, incompatible_keys) -> None:
@@ -59,7 +67,7 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, layout, packed, *constants):
         ctx.layout = layout
         ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, make_state(layout, *constants), dtype=x.dtype)
+        weight = dequantize_4bit(packed, layout.state(*constants), dtype=x.dtype)
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
@@ -67,7 +75,7 @@ class Linear4bitFunction(torch.autograd.Function):
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
-            weight = dequantize_4bit(packed, make_state(ctx.layout, *constants), grad_out.dtype)
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants), grad_out.dtype)
             grad_x = grad_out @ weight                          # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
@@ -87,28 +95,15 @@ class Linear4bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
-                 compute_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None,
-                 _linear: nn.Linear = None):
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None):
+        """A layer over a fresh nn.Linear(in_features, out_features, bias)'s random weight,
+        quantized: the shape to load a checkpoint into. from_linear quantizes a given layer."""
         super().__init__()
-        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-            raise TypeError(f"Linear4bit: compute_dtype must be a floating-point torch.dtype, "
-                            f"got {compute_dtype!r}")
         for name, n in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"Linear4bit: {name} must be an integer >= 1, got {n!r}")
-        if _linear is None:                                     # a fresh, randomly set weight
-            _linear = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
-        self.in_features, self.out_features = in_features, out_features
-        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
-        self.compute_dtype, self.weight_dtype = compute_dtype, _linear.weight.dtype
-        packed, state = quantize_4bit(_linear.weight.detach(), blocksize, quant_type, double_quant)
-        nested = (state.state2.absmax, state.offset) if double_quant else ()
-        self.register_buffer("weight_packed", packed)
-        for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
-            self.register_buffer(name, t.to(packed.device).clone())     # code: a shared table
-        b = _linear.bias
-        self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
-        self.register_load_state_dict_post_hook(_name_loaded_code)
+        self._store(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype),
+                    blocksize, double_quant, quant_type, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Linear4bit":
@@ -120,10 +115,30 @@ class Linear4bit(nn.Module):
         if {"device", "dtype"} & kwargs.keys():
             raise TypeError("Linear4bit.from_linear: the weight is quantized where it is, in its "
                             "dtype; move the result with .to(device) instead of device=/dtype=")
-        return cls(linear.in_features, linear.out_features, linear.bias is not None,
-                   _linear=linear, **kwargs)
+        layer = cls.__new__(cls)          # not __init__: it would quantize a random weight first
+        nn.Module.__init__(layer)
+        layer._store(linear, **kwargs)
+        return layer
 
-    def _constant_names(self) -> tuple:                        # make_state's argument order
+    def _store(self, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+               quant_type: str = "nf4", compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Quantize linear's weight into this layer's buffers and copy its bias."""
+        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+            raise TypeError(f"Linear4bit: compute_dtype must be a floating-point torch.dtype, "
+                            f"got {compute_dtype!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
+        self.compute_dtype, self.weight_dtype = compute_dtype, linear.weight.dtype
+        packed, state = quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant)
+        nested = (state.state2.absmax, state.offset) if double_quant else ()
+        self.register_buffer("weight_packed", packed)
+        for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
+            self.register_buffer(name, t.to(packed.device).clone())     # code: a shared table
+        b = linear.bias
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
+        self.register_load_state_dict_post_hook(_name_loaded_code)
+
+    def _constant_names(self) -> tuple:                        # Layout.state's argument order
         return ("qabsmax", "code", "absmax2", "offset") if self.double_quant else ("absmax", "code")
 
     def constants(self) -> tuple:
@@ -131,15 +146,17 @@ class Linear4bit(nn.Module):
         return tuple(self._buffers[name] for name in self._constant_names())
 
     @property
-    def layout(self) -> tuple:
-        """(shape, blocksize, quant_type, dtype): what make_state needs besides the buffers."""
-        shape = (self.out_features, self.in_features)
-        return shape, self.blocksize, self.quant_type, self.weight_dtype
+    def layout(self) -> Layout:
+        shape = torch.Size([self.out_features, self.in_features])
+        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype)
+
+    def quant_state(self) -> QuantState:
+        """The QuantState of the stored weight, made of the layer's buffers."""
+        return self.layout.state(*self.constants())
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
-        state = make_state(self.layout, *self.constants())
-        return dequantize_4bit(self.weight_packed, state, dtype=dtype)
+        return dequantize_4bit(self.weight_packed, self.quant_state(), dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "Linear4bit")

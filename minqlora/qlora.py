@@ -69,12 +69,18 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
                                 dropout)) for name, linear in targets]  # bad arguments raise here
     model.requires_grad_(False)
     for name, layer in layers:
-        model = _replace(model, name, layer)
+        model = replace_module(model, name, layer)
     return model
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` where submodule `name` was; the model itself when name is "" (returns it)."""
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` where submodule `name` (dotted, as named_modules() names it) was, and return
+    the model; when name is "" the model itself is replaced, so `new` is returned.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+    >>> replace_module(model, "1.0", nn.Tanh())[1][0]
+    Tanh()
+    """
     if not name:
         return new
     parent, _, child = name.rpartition(".")
@@ -126,8 +132,7 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
     params_4bit = sum(m.in_features * m.out_features for m in layers4)
 
     def nbytes(keep) -> int:                     # bytes of the parameters and buffers kept
-        return sum(t.numel() * t.element_size() for t in params + list(model.buffers())
-                   if keep(id(t)))
+        return sum(t.nbytes for t in params + list(model.buffers()) if keep(id(t)))
     return QLoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params) + params_4bit,
@@ -145,7 +150,7 @@ def merge_qlora(model: nn.Module) -> nn.Module:
     done = []
     for name, module in layers:
         if not _inside(name, done):                    # skip a Linear4bit inside a merged LoRA
-            model = _replace(model, name, module.merge() if isinstance(module, LoRALinear)
+            model = replace_module(model, name, module.merge() if isinstance(module, LoRALinear)
                              else to_linear(module))
             done.append(name)
     return model

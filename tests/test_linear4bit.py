@@ -6,10 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minqlora import FP4, NF4, Linear4bit, dequantize_4bit, quantize_4bit
-from minqlora.linear4bit import Linear4bitFunction
+import minqlora.linear4bit as linear4bit_module
+from minqlora.backends import dequantize_4bit
+from minqlora.linear4bit import Layout, Linear4bit, Linear4bitFunction
+from minqlora.nf4 import FP4, NF4
+from minqlora.quant_state import quantize_4bit
 
-from conftest import gaussian
+from helpers import gaussian
 
 
 def linear(in_features, out_features, bias=True, seed=0):
@@ -27,6 +30,35 @@ def test_buffers_hold_exactly_quantize_4bit_output():
     assert torch.equal(layer.offset, state.offset)
     assert torch.equal(layer.dequantize(), dequantize_4bit(packed, state))
     assert [n for n, _ in layer.named_parameters()] == ["bias"]       # no weight parameter
+
+
+def test_quant_state_is_made_of_the_buffers():
+    """quant_state(): the layout's fields, the buffers themselves (no copies), state2 as
+    quantize_4bit builds it; plain layers have no offset or state2."""
+    layer = Linear4bit.from_linear(linear(96, 40), blocksize=32, quant_type="fp4")
+    state = layer.quant_state()
+    assert layer.layout == Layout(torch.Size([40, 96]), 32, "fp4", torch.float32)
+    assert (state.shape, state.blocksize, state.quant_type, state.dtype) == tuple(layer.layout)
+    assert state.absmax is layer.qabsmax and state.code is layer.code
+    assert state.offset is layer.offset and state.state2.absmax is layer.absmax2
+    _, reference = quantize_4bit(linear(96, 40).weight.detach(), 32, "fp4")
+    assert (state.state2.blocksize, state.state2.shape) == (reference.state2.blocksize,
+                                                            reference.state2.shape)
+    plain = Linear4bit.from_linear(linear(96, 40), double_quant=False).quant_state()
+    assert plain.offset is None and plain.state2 is None and plain.absmax.dtype == torch.float32
+
+
+def test_from_linear_quantizes_the_given_weight_once(monkeypatch):
+    """from_linear never quantizes a random weight first; Linear4bit(...) quantizes its own."""
+    calls = []
+    real = linear4bit_module.quantize_4bit
+    monkeypatch.setattr(linear4bit_module, "quantize_4bit",
+                        lambda w, *a: calls.append(w) or real(w, *a))
+    lin = linear(64, 16)
+    Linear4bit.from_linear(lin)
+    assert len(calls) == 1 and torch.equal(calls[0], lin.weight)
+    Linear4bit(64, 16)
+    assert len(calls) == 2 and calls[1].shape == (16, 64)
 
 
 def test_gradcheck_float64():
@@ -95,11 +127,11 @@ def test_backward_saves_no_full_precision_weight():
     """Every tensor autograd saves for this layer's backward is the packed bytes or a state
     tensor: total bytes = packed + constants, never an (out, in) float matrix."""
     layer = Linear4bit.from_linear(linear(256, 128, bias=False))
-    layer_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    layer_bytes = sum(b.nbytes for b in layer.buffers())
     saved = []
 
     def pack(t):
-        saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+        saved.append((tuple(t.shape), t.dtype, t.nbytes))
         return t
 
     x = gaussian((8, 256)).requires_grad_()
@@ -114,15 +146,14 @@ def test_backward_saves_no_full_precision_weight():
 def test_dequantizes_once_in_forward_and_once_in_backward_only_when_needed(monkeypatch):
     """The only extra work over a bf16 layer: one decode (in compute_dtype) per forward, one
     more per backward, and none in backward when only the bias needs a gradient."""
-    import minqlora.linear4bit as module
-    calls, real = [], module.dequantize_4bit
+    calls, real = [], linear4bit_module.dequantize_4bit
 
     def counting(*args, **kwargs):
         weight = real(*args, **kwargs)
         calls.append(weight.dtype)
         return weight
 
-    monkeypatch.setattr(module, "dequantize_4bit", counting)
+    monkeypatch.setattr(linear4bit_module, "dequantize_4bit", counting)
     layer = Linear4bit.from_linear(linear(64, 32))
     x = gaussian((4, 64)).requires_grad_()
     out = layer(x)
@@ -246,6 +277,17 @@ def test_bad_input_and_arguments_say_what_was_expected():
 def test_from_linear_refuses_device_and_dtype_it_would_ignore():
     with pytest.raises(TypeError, match=r"\.to\(device\)"):
         Linear4bit.from_linear(nn.Linear(64, 8), device="cpu")
+
+
+def test_a_custom_code_checkpoint_loads_as_custom():
+    """A layer whose code table is none of CODES (e.g. a learned 4-bit code) decodes with it."""
+    layer = Linear4bit(64, 16, compute_dtype=torch.float32)
+    state_dict = layer.state_dict()
+    state_dict["code"] = state_dict["code"] * 0.5
+    layer.load_state_dict(state_dict)
+    assert layer.quant_type == "custom" and "quant_type=custom" in repr(layer)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize(), layer.bias))
 
 
 def test_loading_another_formats_checkpoint_renames_quant_type():

@@ -6,7 +6,7 @@ from torch import nn
 
 from minqlora import Linear4bit, LoRALinear
 
-from conftest import gaussian
+from helpers import gaussian
 
 
 def lora_with(base, A, B, alpha):

@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from minqlora import Linear4bit, LoRALinear, merge_qlora, prepare_qlora, trainable_summary
+from minqlora.linear4bit import Linear4bit
+from minqlora.lora import LoRALinear
+from minqlora.qlora import merge_qlora, prepare_qlora, replace_module, trainable_summary
 
-from conftest import gaussian
+from helpers import gaussian
 
 
 class Tiny(nn.Module):
@@ -135,3 +137,14 @@ def test_model_to_bfloat16_keeps_the_4bit_state():
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
                for k in before if k != "bias")
     assert model.mlp.lora_A.weight.dtype == torch.bfloat16
+
+
+def test_replace_module_by_dotted_name_and_at_the_root():
+    model = Tiny()
+    new = nn.Linear(16, 32)
+    assert replace_module(model, "attn.q", new) is model and model.attn["q"] is new
+    assert replace_module(model, "mlp", nn.Identity()) is model and type(model.mlp) is nn.Identity
+    root = nn.Linear(2, 2)
+    assert replace_module(model, "", root) is root            # the model itself is replaced
+    with pytest.raises(AttributeError, match="no attribute `nope`"):
+        replace_module(model, "nope.q", new)
