@@ -19,8 +19,6 @@ import torch
 
 from .pager import OutOfBudget, Pager
 
-__all__ = ["PagedAdamW", "Pager", "OutOfBudget"]
-
 
 def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
                   step_size, bias_correction2_sqrt) -> None:
@@ -40,7 +38,7 @@ class PagedAdamW(torch.optim.Optimizer):
     state_dict() has torch AdamW's layout, so it loads into torch.optim.AdamW and back. Float
     hyperparameters only; no amsgrad, maximize, fused or capturable. On a CPU-only machine the
     pager's device is simulated with host memory (see pager.py); on CUDA the step prefetches the
-    next page pair on a side stream, a path never run on a GPU.
+    next page pair on a side stream.
 
     >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     >>> opt = PagedAdamW([w], lr=0.1, weight_decay=0.0)
@@ -91,7 +89,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []   # (param, state, _adamw_update's arguments from lr on)
+        updates = []   # (param, its state, _adamw_update's scalars: lr ... bias_correction2_sqrt)
         for group in self.param_groups:
             (beta1, beta2), lr = group["betas"], group["lr"]
             for p in (p for p in group["params"] if p.grad is not None):
@@ -99,37 +97,37 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise RuntimeError("PagedAdamW: sparse gradients are not supported")
                 state = self.state[p] = self.state.get(p) or self._init_state(p)
                 t = (state["step"] + 1).item()               # as torch: step_t += 1; .item()
-                work.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
-                                        lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)))
+                updates.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
+                                           lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)))
         pager = self.pager
         if self.is_paged and pager.evict:   # room for a page of m and one of v, or no change
-            need = max((2 * pager.nbytes(s["exp_avg"][0]) for _, s, _ in work if s["exp_avg"]),
+            need = max((2 * pager.nbytes(s["exp_avg"][0]) for _, s, _ in updates if s["exp_avg"]),
                        default=0)
             if pager.reserved_bytes + need > pager.budget:
                 raise OutOfBudget(f"PagedAdamW.step: a page of exp_avg and one of exp_avg_sq "
                                   f"({need} bytes) must fit on the device together, but the "
                                   f"budget is {pager.budget} bytes with {pager.reserved_bytes} "
                                   "reserved; nothing was updated")
-        for p, state, hyper in work:
+        for p, state, scalars in updates:
             state["step"] += 1
             if not self.is_paged:
-                _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
+                _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *scalars)
         if self.is_paged:
-            self._paged_update(work)
+            self._paged_update(updates)
         return loss
 
-    def _paged_update(self, work) -> None:
+    def _paged_update(self, updates) -> None:
         """_adamw_update on one page of m and one of v at a time, with the same elements of
         theta and g; meanwhile the next pair is prefetched (on CUDA: on a side stream)."""
-        pairs = iter([pair for _, s, _ in work for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
+        pairs = iter([pair for _, s, _ in updates for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
         next(pairs, None)
-        for p, state, hyper in work:
+        for p, state, scalars in updates:
             flat, grad, start = p.reshape(-1), p.grad.reshape(-1), 0   # (numel,), views if
             for pages in zip(state["exp_avg"], state["exp_avg_sq"]):   # p is contiguous
                 with self.pager.use(pages) as (m, v):                  # m, v: (n,) on device
                     self.pager.prefetch(next(pairs, ()))
                     n = m.numel()
-                    _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *hyper)
+                    _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *scalars)
                 start += n
             if flat.data_ptr() != p.data_ptr():                        # flat was a copy
                 p.copy_(flat.view_as(p))

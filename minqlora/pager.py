@@ -6,8 +6,10 @@ update touches them. Here every move is explicit and counted. The one rule:
 
     resident_bytes + reserved_bytes <= device_budget_bytes
 
-`reserve(nbytes)` (the spike) and `use(pages)` (page in for the update) evict least recently
-used pages to host memory until the rule holds, or raise OutOfBudget naming the numbers:
+`on_device` is an OrderedDict of the pages on the device, least recently used first: `reserve`
+(the spike) and `use` (page in for the update) page out from its front until the rule holds,
+and `use` moves what it touches to the back. A request that cannot fit raises OutOfBudget,
+naming the numbers, before anything moves. Worked example:
 
 >>> pager = Pager(32, page_bytes=8, device="cpu")   # room for 4 pages of 2 float32
 >>> pager.alloc(6)                                  # 3 pages, 24 bytes
@@ -17,8 +19,8 @@ used pages to host memory until the rule holds, or raise OutOfBudget naming the 
 
 On a CPU-only machine the device is SIMULATED: both sides are CPU tensors, with the same logic,
 copies and counters (the mechanism, not PCIe speed). On CUDA, device pages are GPU tensors,
-host pages pinned CPU tensors, and `prefetch` copies on a side stream: that path was written
-without a GPU and has NEVER been run on one. What the pages hold is paged_adam.py's business.
+host pages pinned CPU tensors, and `prefetch` copies on a side stream that `use` waits for.
+What the pages hold is paged_adam.py's business.
 """
 import contextlib
 import itertools
@@ -47,10 +49,9 @@ class Pager:
         self.budget = float("inf") if device_budget_bytes is None else device_budget_bytes
         self.page_bytes, self.evict, self.timeline = page_bytes, evict, [] if timeline else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._cuda, self._ids = self.device.type == "cuda", itertools.count()
-        self._pages = {}            # pid -> (n,) tensor, on the device or in host memory
-        self._lru = OrderedDict()   # pids of the pages on the device, least recently used first
-        self._in_use, self._stream = (), None   # pages `use` holds; CUDA prefetch stream
+        self.on_device = OrderedDict()  # pid -> (n,) tensor on the device, LRU first
+        self.on_host = {}               # pid -> (n,) tensor in host memory (pinned on CUDA)
+        self._ids, self._in_use, self._stream = itertools.count(), (), None   # CUDA prefetch stream
         self.page_ins = self.page_outs = self.bytes_moved = 0
         self.resident_bytes = self.reserved_bytes = self.peak_bytes = 0
 
@@ -62,10 +63,14 @@ class Pager:
     @property
     def resident_pages(self) -> list:
         """Ids of the pages on the device, least recently used first."""
-        return list(self._lru)
+        return list(self.on_device)
+
+    def page(self, pid: int) -> torch.Tensor:
+        """Page pid's tensor, wherever it is (no paging, no counters)."""
+        return self.on_device[pid] if pid in self.on_device else self.on_host[pid]
 
     def nbytes(self, pid: int) -> int:
-        return self._pages[pid].nbytes
+        return self.page(pid).nbytes
 
     def mark(self, event: str, nbytes: int = 0) -> None:
         """Update peak_bytes and log `event` (e.g. "step 3") on the timeline."""
@@ -74,41 +79,37 @@ class Pager:
             self.timeline.append((event, nbytes, self.resident_bytes, self.reserved_bytes))
 
     def _make_room(self, nbytes: int, what: str) -> None:
-        over = self.resident_bytes + self.reserved_bytes + nbytes - self.budget
-        victims = [pid for pid in self._lru if pid not in self._in_use]   # LRU first
+        """Page out least recently used pages, except those `use` holds, until nbytes more fit."""
+        victims = [pid for pid in self.on_device if pid not in self._in_use]   # LRU first
         evictable = sum(self.nbytes(pid) for pid in victims)
-        if over > (evictable if self.evict else 0):
+        if self.resident_bytes + self.reserved_bytes + nbytes - self.budget > (
+                evictable if self.evict else 0):           # check first: all or nothing
             raise OutOfBudget(
                 f"Pager: {what} of {nbytes} bytes does not fit the device budget of "
                 f"{self.budget} bytes: {self.reserved_bytes} reserved, {self.resident_bytes} "
                 f"resident ({self.resident_bytes - evictable} of them in use now), so at most "
                 + (f"{evictable} bytes can be evicted" if self.evict else
                    "0 bytes can be evicted (evict=False: paging is off)"))
-        for pid in victims:
-            if over <= 0:
-                break
-            over -= self.nbytes(pid)
-            self._move(pid, to_device=False)
+        while self.resident_bytes + self.reserved_bytes + nbytes > self.budget:
+            self._move(victims.pop(0), to_device=False)
 
     def _move(self, pid: int, to_device: bool, stream=None) -> None:
         """Copy page pid to the device or to host memory (on `stream`: a CUDA side stream)."""
         self._wait()
-        page = self._pages[pid]
-        new = torch.empty(page.shape, dtype=page.dtype, pin_memory=self._cuda and not to_device,
+        cuda = self.device.type == "cuda"
+        page = (self.on_host if to_device else self.on_device).pop(pid)
+        new = torch.empty(page.shape, dtype=page.dtype, pin_memory=cuda and not to_device,
                           device=self.device if to_device else "cpu")
         with torch.cuda.stream(stream):   # None: the current stream (always, on CPU)
-            self._pages[pid] = new.copy_(page, non_blocking=self._cuda)
-        if to_device:
-            self._lru[pid] = None
-        else:
-            del self._lru[pid]
+            new.copy_(page, non_blocking=cuda)
+        (self.on_device if to_device else self.on_host)[pid] = new
         self.page_ins, self.page_outs = self.page_ins + to_device, self.page_outs + (not to_device)
         self.resident_bytes += new.nbytes if to_device else -new.nbytes
         self.bytes_moved += new.nbytes
         self.mark("page_in" if to_device else "page_out", new.nbytes)
 
     def _wait(self) -> None:
-        """CUDA: the current stream waits for the prefetch copies (never run on a GPU)."""
+        """CUDA: the current stream waits for the prefetch copies."""
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
@@ -119,16 +120,15 @@ class Pager:
         >>> Pager(None, page_bytes=8, device="cpu").alloc(5)  # 2 + 2 + 1 float32
         (0, 1, 2)
         """
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        per, pids = max(1, self.page_bytes // itemsize), []
+        per, pids = max(1, self.page_bytes // dtype.itemsize), []
         for start in range(0, numel, per):
             n = min(per, numel - start)
-            self._make_room(n * itemsize, "alloc")
+            self._make_room(n * dtype.itemsize, "alloc")
             pid = next(self._ids)
-            self._pages[pid] = (torch.zeros(n, dtype=dtype, device=self.device) if data is None
-                                else data[start:start + n].to(self.device, dtype, copy=True))
-            self._lru[pid], self.resident_bytes = None, self.resident_bytes + n * itemsize
-            self.mark("alloc", n * itemsize)
+            self.on_device[pid] = (torch.zeros(n, dtype=dtype, device=self.device) if data is None
+                                   else data[start:start + n].to(self.device, dtype, copy=True))
+            self.resident_bytes += n * dtype.itemsize
+            self.mark("alloc", n * dtype.itemsize)
             pids.append(pid)
         return tuple(pids)
 
@@ -136,10 +136,12 @@ class Pager:
         """Forget these pages, wherever they are."""
         self._wait()
         for pid in pids:
-            if pid in self._lru:
-                del self._lru[pid]
-                self.resident_bytes -= self.nbytes(pid)
-            self.mark("free", self._pages.pop(pid).nbytes)
+            if pid in self.on_device:
+                page = self.on_device.pop(pid)
+                self.resident_bytes -= page.nbytes
+            else:
+                page = self.on_host.pop(pid)
+            self.mark("free", page.nbytes)
 
     @contextlib.contextmanager
     def use(self, pids):
@@ -148,31 +150,31 @@ class Pager:
         self._in_use = pids
         try:
             for pid in pids:
-                if pid not in self._lru:
+                if pid not in self.on_device:
                     self._make_room(self.nbytes(pid), "use")
                     self._move(pid, to_device=True)
-                self._lru.move_to_end(pid)
+                self.on_device.move_to_end(pid)
             self._wait()
-            yield [self._pages[pid] for pid in pids]
+            yield [self.on_device[pid] for pid in pids]
         finally:
             self._in_use = ()
 
     def prefetch(self, pids) -> None:
         """Page in, in order, those of `pids` that fit in the free room; never evicts.
         On CPU the copies happen now; on CUDA on a side stream that `use` waits for."""
-        for pid in (pid for pid in pids if pid not in self._lru):
+        for pid in (pid for pid in pids if pid not in self.on_device):
             if self.resident_bytes + self.reserved_bytes + self.nbytes(pid) > self.budget:
                 return
-            if self._cuda:   # the side stream starts once the host page is written
+            if self.device.type == "cuda":   # the side stream starts once the host page is written
                 self._stream = self._stream or torch.cuda.Stream(self.device)
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
             self._move(pid, to_device=True, stream=self._stream)
 
     def gather(self, pids) -> torch.Tensor:
         """One 1-D copy of the pages' contents, read wherever they are (no paging, no counters)."""
-        if self._cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)   # pending page-outs have landed on the host
-        return torch.cat([self._pages[pid].to(self.device) for pid in pids])
+        return torch.cat([self.page(pid).to(self.device) for pid in pids])
 
     def reserve(self, nbytes: int) -> None:
         """Claim `nbytes` of the budget (a memory spike), evicting LRU pages to make room."""
