@@ -2,7 +2,7 @@
 
     import minqlora as mq
     packed, state = mq.quantize_4bit(weight)          # NF4 + double quantization
-    weight_hat = mq.dequantize_4bit(packed, state)    # torch path, or backend="cuda"/"emulate"
+    weight_hat = mq.dequantize_4bit(packed, state)    # backend "torch", "cuda" or "emulate"
     model = mq.prepare_qlora(model)                   # LoRA adapters over frozen Linear4bit
     optimizer = mq.PagedAdamW(p for p in model.parameters() if p.requires_grad)
 
@@ -13,16 +13,17 @@ at import is the NF4 table (a few scipy quantiles) and the 256-value dynamic map
 from .absmax import absmax_dequantize, absmax_quantize
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .nf4 import FP4, INT4, NF4, nf4_code, pack_4bit, unpack_4bit
-from .double_quant import (DYNAMIC, QuantState, double_dequantize, double_quantize, dynamic_code,
-                           quantize_4bit)
-# lesson 05: the dequantization kernel (torch, CUDA through CuPy, or its CPU emulation)
-from .cuda import dequantize_4bit
+from .double_quant import DYNAMIC, double_dequantize, double_quantize, dynamic_code
+from .quant_state import QuantState, decode_4bit, quantize_4bit
+# lesson 05: dequantization on a backend (torch, the CUDA kernel through CuPy, or its emulation)
+from .backends import dequantize_4bit
 # lessons 06-07: LoRA and QLoRA layers
 from .lora import LoRALinear
 from .linear4bit import Linear4bit
-from .qlora import merge_qlora, prepare_qlora, trainable_summary
+from .qlora import merge_qlora, prepare_qlora, replace_module, trainable_summary
 # lesson 08: the paged optimizer
-from .paged_adam import OutOfBudget, PagedAdamW, Pager
+from .pager import OutOfBudget, Pager
+from .paged_adam import PagedAdamW
 # lesson 09: the toy model, the experiment and the memory calculator
 from . import memory, toy
 

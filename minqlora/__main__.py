@@ -6,7 +6,7 @@
 The tour (about 70 s on a 2-core CPU; --quick: about 35 s) prints, in the paper's order, the
 sections listed in minqlora/tour.py (shown below in --help).
 The bench runs speed checks against torchao / bitsandbytes where installed (minqlora/bench/).
-Honest note: the tour's GPU path (--device cuda) was written but has NOT been run on a GPU yet.
+What has and has not run on a GPU: the README's GPU section.
 """
 import argparse
 
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.command == "bench":
-        from .bench import main as bench_main
-        bench_main(args.only, quick=args.quick)
+        from .bench import run_bench
+        run_bench(args.only, quick=args.quick)
     else:
         from .tour import tour
         tour(args.seed, args.quick, args.device, args.plot)

@@ -9,20 +9,22 @@
   5. memory        the calculator's table for LLaMA 7B to 65B and the paper's headline
 
 Each section is a function that prints; `tour()` runs them in order. It only calls the public
-pieces of the earlier lessons. The GPU path (device="cuda") has NOT been run on a GPU yet.
+pieces of the earlier lessons. What has run on a GPU: see the README's GPU section.
 """
 import time
 
 import torch
 
-from .double_quant import QUANT_TYPES, dequantize_4bit, quantize_4bit
+from .backends import dequantize_4bit
+from .nf4 import CODES
+from .quant_state import quantize_4bit
 
 
 def quantization_table(seed: int = 0, size: int = 4096) -> list[tuple]:
     """Rows (type, double_quant, rmse, max_err, bits/param) for a seeded N(0, 0.02) weight."""
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(seed)) * 0.02
     rows = []
-    for quant_type in QUANT_TYPES:
+    for quant_type in CODES:
         for double_quant in (False, True):
             packed, state = quantize_4bit(weight, quant_type=quant_type, double_quant=double_quant)
             err = dequantize_4bit(packed, state) - weight
@@ -42,19 +44,18 @@ def print_quantization_table(seed: int = 0, size: int = 4096) -> None:
 
 def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
     """The .cu kernel's output against the torch path, bit for bit, on the GPU or emulated."""
-    from .cuda import dequantize_4bit as dequantize
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(seed)) * 0.02
     packed, state = quantize_4bit(weight.to(device))
     backend = "cuda" if packed.is_cuda else "emulate"
     where = "on the GPU through CuPy" if backend == "cuda" else "emulated on the CPU (no GPU here)"
     try:
         start = time.perf_counter()
-        out = dequantize(packed, state, torch.bfloat16, backend=backend)
+        out = dequantize_4bit(packed, state, torch.bfloat16, backend=backend)
         seconds = time.perf_counter() - start
     except (ImportError, RuntimeError) as e:       # no compiler (EmulationUnavailable), no CuPy
         print(f"kernel: skipped ({type(e).__name__}: {e})")
         return
-    same = torch.equal(out, dequantize(packed, state, torch.bfloat16, backend="torch"))
+    same = torch.equal(out, dequantize_4bit(packed, state, torch.bfloat16, backend="torch"))
     print(f"kernels/dequant_nf4.cu {where}, {size}x{size} NF4 -> bf16: "
           f"{'bit-identical to' if same else 'DIFFERS from'} the torch path ({seconds:.2f} s, "
           "the first call may compile it)")
@@ -65,7 +66,8 @@ def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu",
     from .finetune import METHODS, finetune
     from .memory import estimate
     from .pager import Pager
-    from .toy import CONFIG, evaluate, make_data, pretrain
+    from .toy import CONFIG, make_data, pretrain
+    from .training import evaluate
     base = pretrain(seed, steps=600 if quick else 1000, progress=True, device=device)
     add = evaluate(base, make_data("add", seed)["heldout"].to(device))
     sub = evaluate(base, make_data("sub", seed)["heldout"].to(device))

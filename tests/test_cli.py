@@ -1,10 +1,13 @@
-"""The two commands people run, end to end in quick mode: `python -m minqlora --quick` (the
-tour, about 35 s here) and `python -m minqlora bench --quick` (about 12 s). They check that
-every section still runs and prints its table, not the numbers (those are the lessons' and the
-other tests' business; timings are not asserted)."""
+"""The command line (__main__.py) and the tour it runs (tour.py): the two commands end to end
+in quick mode, `python -m minqlora --quick` (the tour, about 35 s here) and
+`python -m minqlora bench --quick` (about 12 s), which check that every section still runs and
+prints its table; then the tour's tables, section by section. Timings are never asserted."""
 import shutil
 import subprocess
 import sys
+
+from minqlora.nf4 import CODES
+from minqlora.tour import memory_table, quantization_table
 
 
 def run(*args) -> str:
@@ -30,3 +33,21 @@ def test_the_bench_prints_every_section():
     out = run("bench", "--quick")
     for section in ("[quant]", "kernel (CPU", "[lora]", "[paged]"):
         assert section in out
+
+
+def test_the_tour_prints_the_memory_table(capsys):
+    memory_table()
+    out = capsys.readouterr().out
+    assert "llama-65b" in out and "(here 784 GB)" in out and "(here 44.7 GB)" in out
+    assert out.splitlines()[5].split()[-2:] == ["48", "GB"]       # 65B with QLoRA: one 48 GB GPU
+
+
+def test_the_tours_quantization_table_covers_every_code():
+    """One row per named code, without and with double quantization, at the format's bits:
+    (256 * 256 / 2 + 1024 * 4) / 65536 * 8 = 4.5; (32768 + 1024 + 4 * 4 + 4) * 8 / 65536."""
+    rows = quantization_table(seed=0, size=256)
+    assert [(qt, dq) for qt, dq, *_ in rows] == [(qt, dq) for qt in CODES for dq in (False, True)]
+    for qt, dq, rmse, max_err, bits in rows:
+        assert bits == (4.5 if not dq else (32768 + 1024 + 16 + 4) * 8 / 65536)
+        assert 0 < rmse < max_err < 0.05                    # a N(0, 0.02) weight, 4-bit error
+    assert rows[0][2] < rows[2][2]                          # NF4 beats FP4 on Gaussian weights

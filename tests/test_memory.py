@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from minqlora import memory, toy
+from minqlora.double_quant import constants_nbytes
 from minqlora.finetune import Bf16Linear, convert
 from minqlora.linear4bit import Linear4bit
 from minqlora.paged_adam import PagedAdamW
@@ -32,13 +33,13 @@ def test_qlora_weights_cost_4_127_bits():
     """One 4096x4096 linear: 8,388,608 bytes of NF4, 262,144 qabsmax + 4,096 absmax2 + 4 offset
     = 266,244 bytes of constants (qlora.py's worked example), 4.127 bits per weight."""
     n = 4096 * 4096
-    assert memory.constants_nbytes(n, 64, True) == 266_244
-    assert memory.constants_nbytes(n, 64, False) == 4 * n // 64
+    assert constants_nbytes(n, 64, True) == 266_244
+    assert constants_nbytes(n, 64, False) == 4 * n // 64
     e = memory.estimate("llama-65b", "qlora", r=1)
     n_q = 80 * sum(i * o for _, i, o in memory.linear_shapes("llama-65b"))
     assert 8 * (e.weights + e.quant_constants - 2 * 2 * 32000 * 8192 - 2 * 161 * 8192) / n_q \
         == pytest.approx(4.127, abs=1e-3)
-    assert e.quant_constants == 80 * sum(memory.constants_nbytes(i * o, 64, True) + 64
+    assert e.quant_constants == 80 * sum(constants_nbytes(i * o, 64, True) + 64
                                          for _, i, o in memory.linear_shapes("llama-65b"))
 
 
@@ -56,7 +57,7 @@ def test_methods_are_ordered_and_lora_counts():
 
 
 def _nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.nbytes for t in tensors)
 
 
 def _step(model, opt):
@@ -125,11 +126,3 @@ def test_activations_scale_with_tokens():
 def test_bad_arguments_say_what_was_expected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory.estimate(**kwargs)
-
-
-def test_the_tour_prints_the_memory_table(capsys):
-    from minqlora.tour import memory_table
-    memory_table()
-    out = capsys.readouterr().out
-    assert "llama-65b" in out and "(here 784 GB)" in out and "(here 44.7 GB)" in out
-    assert out.splitlines()[5].split()[-2:] == ["48", "GB"]       # 65B with QLoRA: one 48 GB GPU

@@ -56,7 +56,7 @@ def optional(module: str):
         return None
 
 
-def main(sections=None, quick: bool = False) -> None:
+def run_bench(sections=None, quick: bool = False) -> None:
     for name in sections or SECTIONS:
         try:
             section = importlib.import_module(f"minqlora.bench.{name}")

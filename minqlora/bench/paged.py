@@ -4,19 +4,19 @@ evicts all 80 MB of state (timed: the page-outs, then the step's page-ins). Goal
 of torch without evictions; ratio = our time / torch's.
 
 On a CPU-only machine "device" and "host" are both CPU memory: the paging is simulated, so the
-eviction row measures memcpy, not PCIe. With CUDA present the bench runs there (a path never
-run on a GPU). Made steady for a busy 2-core machine: every optimizer steps the same
-parameters, on one thread, in interleaved rounds (order rotated), best of each. And glibc is
-told to keep freed memory (for the rest of the process): returning the step's big temporaries
-to the OS makes each step page-fault them back in, which swung torch's time by 20% against an
-identical PagedAdamW(is_paged=False), depending on allocation order, not on the optimizer.
+eviction row measures memcpy, not PCIe. With CUDA present the bench runs there. Made steady
+for a busy 2-core machine: every optimizer steps the same parameters, on one thread, in
+interleaved rounds (order rotated), best of each. And glibc is told to keep freed memory (for
+the rest of the process): returning the step's big temporaries to the OS would make each step
+page-fault them back in, a cost that depends on allocation order, not on the optimizer.
 """
 import ctypes
 import time
 
 import torch
 
-from ..paged_adam import PagedAdamW, Pager
+from ..paged_adam import PagedAdamW
+from ..pager import Pager
 from . import print_table
 
 
@@ -30,7 +30,7 @@ def _keep_freed_memory() -> None:
 
 def run(quick: bool = False) -> None:
     numel_each, seconds = (100_000, 4.0) if quick else (1_000_000, 20.0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"   # the CUDA run: never tried yet
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     _keep_freed_memory()
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(numel_each, generator=g).to(device))

@@ -4,7 +4,8 @@ Goal: faster than torchao on both. Ratios are reference time / minqlora time (>1
 """
 import torch
 
-from ..double_quant import dequantize_4bit, quantize_4bit
+from ..backends import dequantize_4bit
+from ..quant_state import quantize_4bit
 from . import interleaved_best, optional, print_table
 
 
