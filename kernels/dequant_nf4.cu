@@ -19,9 +19,6 @@
 //   contiguous 512-byte run; its stores are 16-byte pieces 64 bytes apart that the L2 cache merges
 //   into full lines (an interleaved layout would make each store instruction contiguous too).
 //
-// Status: compiled with nvcc for sm_80 / sm_90 and with NVRTC, and run bit-exactly on the CPU
-// through the emulation below; NOT yet run on a GPU (tests/gpu_check.sh does that).
-//
 // Where the tables live:
 //   * the 16-entry code sits in shared memory: every thread looks up a *different* entry, and
 //     shared memory serves 32 different addresses in 16 different banks in one cycle (constant
