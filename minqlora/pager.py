@@ -81,17 +81,19 @@ class Pager:
     def _make_room(self, nbytes: int, what: str) -> None:
         """Page out least recently used pages, except those `use` holds, until nbytes more fit."""
         victims = [pid for pid in self.on_device if pid not in self._in_use]   # LRU first
-        evictable = sum(self.nbytes(pid) for pid in victims)
-        if self.resident_bytes + self.reserved_bytes + nbytes - self.budget > (
-                evictable if self.evict else 0):           # check first: all or nothing
-            raise OutOfBudget(
-                f"Pager: {what} of {nbytes} bytes does not fit the device budget of "
-                f"{self.budget} bytes: {self.reserved_bytes} reserved, {self.resident_bytes} "
-                f"resident ({self.resident_bytes - evictable} of them in use now), so at most "
-                + (f"{evictable} bytes can be evicted" if self.evict else
-                   "0 bytes can be evicted (evict=False: paging is off)"))
+        evictable = sum(self.nbytes(pid) for pid in victims) if self.evict else 0
+        if self.resident_bytes + self.reserved_bytes + nbytes - evictable > self.budget:
+            raise self._refusal(nbytes, what, evictable)          # before any page moves
         while self.resident_bytes + self.reserved_bytes + nbytes > self.budget:
             self._move(victims.pop(0), to_device=False)
+
+    def _refusal(self, nbytes: int, what: str, evictable: int) -> OutOfBudget:
+        held = sum(self.nbytes(pid) for pid in self._in_use if pid in self.on_device)
+        return OutOfBudget(
+            f"Pager: {what} of {nbytes} bytes does not fit the device budget of {self.budget} "
+            f"bytes: {self.reserved_bytes} reserved, {self.resident_bytes} resident ({held} of "
+            f"them in use now), so at most {evictable} bytes can be evicted"
+            + ("" if self.evict else " (evict=False: paging is off)"))
 
     def _move(self, pid: int, to_device: bool, stream=None) -> None:
         """Copy page pid to the device or to host memory (on `stream`: a CUDA side stream)."""
