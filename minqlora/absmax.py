@@ -16,7 +16,7 @@ rounds halves to even. This module knows nothing of blocks or codebooks.
 """
 import torch
 
-from ._checks import check_bits, check_float
+from ._checks import check_bits, check_dtype, check_float
 
 
 def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,5 +48,7 @@ def absmax_dequantize(q: torch.Tensor, absmax: torch.Tensor, bits: int = 8,
     -0.9760000109672546
     """
     check_bits(bits, "absmax_dequantize")
+    check_dtype(dtype, "absmax_dequantize")
     levels = 2 ** (bits - 1) - 1
-    return (q.float() * (torch.as_tensor(absmax, dtype=torch.float32) / levels)).to(dtype)
+    x_hat = q.float() * (torch.as_tensor(absmax, dtype=torch.float32) / levels)
+    return x_hat.to(dtype or torch.float32)

@@ -107,8 +107,8 @@ def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
     if packed.data_ptr() % 16:               # the kernel loads 16 bytes at a time: align a copy
         packed = packed.clone()
     if state.nested:        # qabsmax (n_blocks,) u8, dynamic code (256,), absmax2, offset (1,)
-        s2 = state.state2
-        tensors = [packed, code, None, state.absmax, s2.code.float(), s2.absmax.float(),
+        inner = state.state2
+        tensors = [packed, code, None, state.absmax, inner.code.float(), inner.absmax.float(),
                    state.offset.float().reshape(1)]
     else:                   # absmax (n_blocks,) float32
         tensors = [packed, code, state.absmax.float(), None, None, None, None]

@@ -38,6 +38,8 @@ def test_bad_input_is_refused_with_a_reason():
         absmax_quantize(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="bits"):
         absmax_quantize(torch.ones(3), bits=1)
+    with pytest.raises(TypeError, match="absmax_dequantize: dtype must be a floating-point dtype"):
+        absmax_dequantize(torch.ones(3, dtype=torch.int8), torch.tensor(1.0), dtype=torch.int8)
 
 
 @settings(max_examples=50, deadline=None)

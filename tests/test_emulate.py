@@ -15,7 +15,7 @@ from minqlora.nf4 import CODES, NF4
 from minqlora.quant_state import QuantState, absmax_state, decode_4bit, quantize_4bit
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-QUANT_TYPES = list(CODES)
+NAMES = list(CODES)                 # nf4, fp4, int4
 
 
 def assert_same(packed, state, dtype):
@@ -61,7 +61,7 @@ def test_bit_identical_to_the_definition(emulation, dtype, nested, blocksize):
     g = torch.Generator().manual_seed(blocksize)
     for i, n in enumerate((1, 31, 32, 33, 1000, 20001)):
         x = torch.randn(n, generator=g) * 3
-        packed, state = quantize_4bit(x, blocksize, QUANT_TYPES[i % 3], double_quant=nested)
+        packed, state = quantize_4bit(x, blocksize, NAMES[i % 3], double_quant=nested)
         assert_same(packed, state, dtype)
 
 
