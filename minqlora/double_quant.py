@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_blocksize, check_float
+from ._checks import check_blocksize, check_code, check_float
 from .blockwise import dequantize_blockwise, nearest_code, quantize_blockwise, scale_blocks
 from .nf4 import get_code, pack_4bit
 
@@ -153,9 +153,12 @@ class QuantState:
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+                  double_quant: bool = True, code: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, QuantState]:
     """x (any shape, float) -> (packed uint8 of ceil(n/2) bytes, QuantState). Byte-compatible
     with bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant).
+    `code` (a sorted codebook of at most 16 values in [-1, 1]) overrides quant_type; the state
+    records it with quant_type "custom".
 
     >>> packed, state = quantize_4bit(torch.tensor([0.5, -1.0, 0.0]), double_quant=False)
     >>> [hex(b) for b in packed.tolist()], state.absmax.tolist()
@@ -163,7 +166,13 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_float(x, "quantize_4bit")
     check_blocksize(blocksize, "quantize_4bit")
-    code = get_code(quant_type).to(x.device)
+    if code is None:
+        code = get_code(quant_type).to(x.device)
+    else:
+        check_code(code, "quantize_4bit")
+        if code.numel() > 16:
+            raise ValueError(f"quantize_4bit: a 4-bit code has at most 16 entries, got {code.numel()}")
+        code, quant_type = code.to(x.device, torch.float32), "custom"
     n = x.numel()
     scaled, absmax = scale_blocks(x, blocksize)            # (n_blocks, blocksize), (n_blocks,)
     scaled = scaled.reshape(-1)[: n + n % 2]                # odd n: keep one zero pad value
