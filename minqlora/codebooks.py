@@ -30,6 +30,7 @@ import torch
 from scipy.optimize import root
 from scipy.special import ndtr, ndtri
 
+from ._checks import check_blocksize
 from .nf4 import NF4
 
 _NODES = 96
@@ -71,12 +72,14 @@ def block_cdf(t, blocksize: int = 64) -> np.ndarray:
     >>> [round(float(p), 4) for p in block_cdf([-1.0, 0.0, 0.5], blocksize=64)]
     [0.0078, 0.5, 0.8977]
     """
+    check_blocksize(blocksize, "block_cdf")
     p0, _, _, tip = _below(t, blocksize, 0)
     return np.where(np.asarray(t) >= 1, 1.0, tip + p0)
 
 
 def block_pdf(t, blocksize: int = 64) -> np.ndarray:
     """Density of s inside (-1, 1); it integrates to (B-1)/B (the rest sits on +-1)."""
+    check_blocksize(blocksize, "block_pdf")
     m, w = _absmax_nodes(blocksize)
     w = w * (blocksize - 1) / blocksize / (2 * ndtr(m) - 1)
     return (m * _phi(np.multiply.outer(np.asarray(t, dtype=np.float64), m))) @ w
@@ -99,6 +102,7 @@ def expected_mse(code, blocksize: int = 64) -> float:
     >>> round(expected_mse(NF4, 64), 5)
     0.00846
     """
+    check_blocksize(blocksize, "expected_mse")
     code = np.sort(torch.as_tensor(code, dtype=torch.float64).numpy())   # FP4 is in bit order
     mass, first, second = _cells(code, blocksize, 2)
     return float((second - 2 * code * first + code ** 2 * mass).sum())
@@ -135,10 +139,11 @@ def lloyd_max_code(blocksize: int = 64, nf4_layout: bool = False) -> torch.Tenso
     """The 16-value code with the least expected squared weight error at this blocksize.
 
     >>> c = lloyd_max_code(64)
-    >>> [round(v, 4) for v in c[[0, 7, 8, 15]].tolist()], bool(torch.equal(c, -c.flip(0)))
+    >>> [round(v, 4) for v in c[[0, 7, 8, 15]].tolist()], bool(torch.allclose(c, -c.flip(0)))
     ([-0.9532, -0.0462, 0.0462, 0.9532], True)
     """
-    return _lloyd_max(blocksize, nf4_layout).clone()
+    check_blocksize(blocksize, "lloyd_max_code")
+    return _lloyd_max(blocksize, bool(nf4_layout)).clone()
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,6 +167,7 @@ def af4_code(blocksize: int = 64) -> torch.Tensor:
     >>> [round(v, 4) for v in af4_code(64)[[1, 6, 8, 14]].tolist()]
     [-0.6944, -0.0493, 0.0427, 0.7242]
     """
+    check_blocksize(blocksize, "af4_code")
     return _af4(blocksize).clone()
 
 

@@ -22,7 +22,8 @@ Element 0 goes in the LOW nibble (the OCP / torch.float4_e2m1fn_x2 order), unlik
 Matches torchao 0.18 bit for bit (MXTensor.to_mx with its default FLOOR rule, the OCP one;
 NVFP4Tensor.to_nvfp4 with per_tensor_scale = absmax / 2688), except one case: torchao divides
 by 2^-126 where the scale is 2^-127 (absmax < 2^-124), then multiplies back by 2^-127; here X
-is used both ways. A tensor whose t would be below 2^-126 (all zeros) gets t = 1.
+is used both ways; and t >= 2^-121, so that (1 / t) / S stays finite where torchao's overflows
+(NaN or saturated codes for all-zero tensors and absmax < 2688 * 2^-121 = 1.0e-33).
 Worked example: x = [0.3, -1.0, 5.0, 0.2] with blocksize 4: absmax 5, X = 2^(2-2) = 1,
 q codes 0.5, -1, 4 (5 is a tie: 4 has the even index), 0 (0.2 is nearer to 0 than to 0.5).
 """
@@ -39,6 +40,7 @@ E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float32)
 E2M1 = torch.cat([E2M1, -E2M1])                  # index = the 4 bits; 8..15 have the sign set
 _MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2          # 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5
 E4M3_MAX, E4M3_TINY = 448.0, 2.0 ** -6           # largest and smallest normal E4M3 values
+T_MIN = 2.0 ** -121                              # the least t with (1 / t) / E4M3_TINY finite
 
 
 @dataclass
@@ -136,12 +138,10 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     """
     blocks = _blocks(x, blocksize, "quantize_nvfp4")
     if tensor_scale is None:
-        tensor_scale = x.detach().abs().amax().float() / (E4M3_MAX * 6)
-        if tensor_scale < torch.finfo(torch.float32).tiny:        # all zeros (or nearly)
-            tensor_scale = 1.0
+        tensor_scale = (x.detach().abs().amax().float() / (E4M3_MAX * 6)).clamp(min=T_MIN)
     t = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
-    if t.numel() != 1 or not (torch.isfinite(t) & (t > 0)).all():
-        raise ValueError(f"quantize_nvfp4: tensor_scale must be one positive finite number, "
+    if t.numel() != 1 or not (torch.isfinite(t) & (t >= T_MIN)).all():
+        raise ValueError(f"quantize_nvfp4: tensor_scale must be one finite number >= 2^-121, "
                          f"got {tensor_scale!r}")
     block_scale = blocks.abs().amax(dim=1) / 6.0 / t                 # (n_blocks,) float32
     scales = block_scale.clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
