@@ -10,7 +10,7 @@ with mantissa bit 0), and anything beyond 6 saturates to 6. They differ in the b
   NVFP4, blocks of 16, an E4M3 block scale times one float32 scale per tensor:
       t = absmax(tensor) / (448 * 6)           (448: E4M3's largest value)
       S = E4M3(clamp(absmax(block) / 6 / t, 2^-6, 448))
-      q = E2M1(clamp(x * ((1 / t) / S), -6, 6))
+      q = E2M1(x * ((1 / t) / S))
   and decoding is x_hat = E2M1[q] * X, or E2M1[q] * (t * S), in float32, cast once.
 
 Bits per value: MXFP4 4 + 8/32 = 4.25; NVFP4 4 + 8/16 + 32/n = 4.5 + 32/n. MXFP4 is lesson
@@ -33,12 +33,12 @@ from typing import Optional
 import torch
 
 from ._checks import check_blocksize, check_float
-from .blockwise import nearest_code
-from .nf4 import pack_4bit, unpack_4bit
+from .nf4 import pack_4bit
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float32)
 E2M1 = torch.cat([E2M1, -E2M1])                  # index = the 4 bits; 8..15 have the sign set
 _MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2          # 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5
+_PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], dim=1)  # (256, 2): low, high
 E4M3_MAX, E4M3_TINY = 448.0, 2.0 ** -6           # largest and smallest normal E4M3 values
 T_MIN = 2.0 ** -121                              # the least t with (1 / t) / E4M3_TINY finite
 
@@ -63,6 +63,10 @@ class MXState:
             return torch.exp2(self.scales.double() - 127).float()      # exact, 2^-127 included
         return self.tensor_scale * self.scales.float()
 
+    def nbytes(self) -> int:
+        """Bytes stored for the constants: one byte per block (+ 4 for NVFP4's t)."""
+        return self.scales.numel() + (4 if self.tensor_scale is not None else 0)
+
     def bits_per_param(self) -> float:
         """4 bits per value + 8 per block (+ 32 per tensor for NVFP4): 4.25, or 4.5 + 32/n."""
         extra = 32 / self.shape.numel() if self.tensor_scale is not None else 0.0
@@ -81,14 +85,18 @@ def _blocks(x, blocksize, where):
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """float32 -> E2M1 bits (uint8 0..15): nearest, ties to even, saturating at 6.
 
+    Lesson 02's rule, the index is the number of midpoints below |v|, with "below" meaning
+    strictly below where the lower neighbour has the even index (0.25, 1.25, 2.5, 5) and at
+    or below where the upper one has (0.75, 1.75, 3.5).
+
     >>> e2m1_encode(torch.tensor([0.25, 0.75, 5.0, 7.0, -0.1, -2.6])).tolist()
     [0, 2, 6, 7, 8, 13]
     """
     mag = v.abs()
-    i = nearest_code(mag, E2M1[:8])                              # exactly on a midpoint: lower
-    tie = mag == _MIDPOINTS.to(v.device)[i.clamp(max=6)]
-    i = i + (tie & (i % 2 == 1))                                  # ... then to the even index
-    return (i | (torch.signbit(v).long() << 3)).to(torch.uint8)  # -0.0 keeps its sign bit
+    index = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for k, midpoint in enumerate(_MIDPOINTS.tolist()):
+        index += (mag >= midpoint) if k % 2 else (mag > midpoint)
+    return index | (torch.signbit(v).to(torch.uint8) << 3)       # -0.0 keeps its sign bit
 
 
 def _pack(bits, shape):
@@ -101,8 +109,9 @@ def _decode(packed, state, dtype, where):
     if packed.dtype != torch.uint8 or packed.numel() * 2 != n:
         raise ValueError(f"{where}: expected {n // 2} uint8 bytes for shape "
                          f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
-    bits = unpack_4bit(packed.reshape(-1), n).reshape(-1, 2).flip(1).reshape(-1, state.blocksize)
-    values = E2M1.to(packed.device)[bits.long()] * state.block_scales().reshape(-1, 1)
+    pairs = _PAIRS.to(packed.device)                                  # byte -> its two values
+    values = torch.nn.functional.embedding(packed.reshape(-1).long(), pairs)     # (n // 2, 2)
+    values = values.view(-1, state.blocksize) * state.block_scales().reshape(-1, 1)
     return values.to(dtype or state.dtype).reshape(state.shape)
 
 
@@ -146,7 +155,7 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     block_scale = blocks.abs().amax(dim=1) / 6.0 / t                 # (n_blocks,) float32
     scales = block_scale.clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
     v = blocks * ((1.0 / t) / scales.float()).unsqueeze(1)           # torchao's order of ops
-    bits = e2m1_encode(v.clamp(-6.0, 6.0))
+    bits = e2m1_encode(v)                                            # saturates at +-6
     state = MXState(scales.reshape(*x.shape[:-1], -1), blocksize, x.shape, x.dtype, "nvfp4", t)
     return _pack(bits, x.shape), state
 
