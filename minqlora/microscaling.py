@@ -20,10 +20,10 @@ pays 4 more bits per 16 values for a finer scale: double quantization in hardwar
 Element 0 goes in the LOW nibble (the OCP / torch.float4_e2m1fn_x2 order), unlike NF4's.
 
 Matches torchao 0.18 bit for bit (MXTensor.to_mx with its default FLOOR rule, the OCP one;
-NVFP4Tensor.to_nvfp4 with per_tensor_scale = absmax / 2688), except one case: torchao divides
-by 2^-126 where the scale is 2^-127 (absmax < 2^-124), then multiplies back by 2^-127; here X
-is used both ways; and t >= 2^-121, so that (1 / t) / S stays finite where torchao's overflows
-(NaN or saturated codes for all-zero tensors and absmax < 2688 * 2^-121 = 1.0e-33).
+NVFP4Tensor.to_nvfp4 with per_tensor_scale = absmax / 2688) except in two corners. MX: where
+the scale is 2^-127 (absmax < 2^-124) torchao divides by 2^-126 and multiplies back by 2^-127;
+here X is used both ways. NVFP4: t >= 2^-121 here, so (1 / t) / S stays finite where torchao's
+overflows (NaN or saturated codes for all-zero tensors and absmax < 2688 * 2^-121 = 1.0e-33).
 Worked example: x = [0.3, -1.0, 5.0, 0.2] with blocksize 4: absmax 5, X = 2^(2-2) = 1,
 q codes 0.5, -1, 4 (5 is a tie: 4 has the even index), 0 (0.2 is nearer to 0 than to 0.5).
 """
