@@ -35,7 +35,8 @@ def round_trip(w: torch.Tensor, fmt: str, blocksize: int) -> tuple[torch.Tensor,
         quantize, dequantize = ((quantize_mxfp4, dequantize_mxfp4) if fmt == "MXFP4" else
                                 (quantize_nvfp4, dequantize_nvfp4))
         packed, state = quantize(w.reshape(-1, blocksize), blocksize=blocksize)
-        return dequantize(packed, state, torch.float32).reshape(w.shape), packed.numel() + state.nbytes()
+        w_hat = dequantize(packed, state, torch.float32).reshape(w.shape)
+        return w_hat, packed.numel() + state.nbytes()
     code = {"AF4": af4_code, "Lloyd-Max": lloyd_max_code}.get(fmt)
     packed, state = quantize_4bit(w, blocksize=blocksize, quant_type=fmt.split("+")[0].lower(),
                                   double_quant=fmt == "NF4+DQ",

@@ -119,8 +119,10 @@ def quantize_mxfp4(x: torch.Tensor, blocksize: int = 32) -> tuple[torch.Tensor, 
     """x (..., K), K a multiple of blocksize -> (packed uint8 (..., K // 2), MXState).
 
     >>> packed, state = quantize_mxfp4(torch.tensor([0.3, -1.0, 5.0, 0.2]), blocksize=4)
-    >>> [hex(b) for b in packed.tolist()], state.scales.tolist(), dequantize_mxfp4(packed, state).tolist()
-    (['0xa1', '0x6'], [127], [0.5, -1.0, 4.0, 0.0])
+    >>> [hex(b) for b in packed.tolist()], state.scales.tolist()
+    (['0xa1', '0x6'], [127])
+    >>> dequantize_mxfp4(packed, state).tolist()
+    [0.5, -1.0, 4.0, 0.0]
     """
     blocks = _blocks(x, blocksize, "quantize_mxfp4")
     absmax = blocks.abs().amax(dim=1)                                # (n_blocks,)
@@ -142,7 +144,8 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     t (default absmax / 2688; 1.0 gives torchao's single-level to_nvfp4(x)).
 
     >>> packed, state = quantize_nvfp4(torch.tensor([0.3, -1.0, 5.0, 0.2]), blocksize=4)
-    >>> state.scales.float().tolist(), [round(v, 4) for v in dequantize_nvfp4(packed, state).tolist()]
+    >>> x_hat = dequantize_nvfp4(packed, state)
+    >>> state.scales.float().tolist(), [round(v, 4) for v in x_hat.tolist()]
     ([448.0], [0.4167, -0.8333, 5.0, 0.0])
     """
     blocks = _blocks(x, blocksize, "quantize_nvfp4")

@@ -37,7 +37,8 @@ def run(quick: bool = False) -> None:
                 [[name, f"{best_time(fn, repeat=3) * 1e3:.0f}"] for name, fn in solve])
     size = 1024 if quick else 4096
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).bfloat16()
-    ours = {"MXFP4": (quantize_mxfp4, dequantize_mxfp4), "NVFP4": (quantize_nvfp4, dequantize_nvfp4)}
+    ours = {"MXFP4": (quantize_mxfp4, dequantize_mxfp4),
+            "NVFP4": (quantize_nvfp4, dequantize_nvfp4)}
     cases, refs = {}, references(weight)
     for fmt, (quantize, dequantize) in ours.items():
         packed, state = quantize(weight)
@@ -49,8 +50,10 @@ def run(quick: bool = False) -> None:
     table = []
     for fmt in ours:
         q, d = best[fmt, "minqlora", 0], best[fmt, "minqlora", 1]
-        ref = [f"{best[fmt, 'torchao', i] * 1e3:.1f}" for i in (0, 1)] if fmt in refs else ["-"] * 2
-        ratio = [f"{best[fmt, 'torchao', i] / t:.2f}" for i, t in ((0, q), (1, d))] if fmt in refs else ["-"] * 2
+        ref, ratio = ["-"] * 2, ["-"] * 2
+        if fmt in refs:
+            ref = [f"{best[fmt, 'torchao', i] * 1e3:.1f}" for i in (0, 1)]
+            ratio = [f"{best[fmt, 'torchao', i] / t:.2f}" for i, t in ((0, q), (1, d))]
         table.append([fmt, f"{q * 1e3:.1f}", ref[0], ratio[0], f"{d * 1e3:.1f}", ref[1], ratio[1]])
     print_table(f"[limit] MXFP4 / NVFP4, {size}x{size} bf16, threads={torch.get_num_threads()}"
                 + ("" if refs else " (torchao not installed)"),
