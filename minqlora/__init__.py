@@ -26,5 +26,10 @@ from .pager import OutOfBudget, Pager
 from .paged_adam import PagedAdamW
 # lesson 09: the toy model, the experiment and the memory calculator
 from . import memory, toy
+# lesson 11: codebooks from objectives, the hardware 4-bit formats, and one comparison of all
+from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_code, nf4_offset
+from .microscaling import (MXState, dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4,
+                           quantize_nvfp4)
+from . import compare
 
 __version__ = "0.1.0"

@@ -7,6 +7,8 @@
                    full, 16-bit LoRA, QLoRA with NF4 / FP4 / int4 (progress bars on stderr)
   4. paging        PagedAdamW's counters in the NF4 run, its state under a budget of half its size
   5. memory        the calculator's table for LLaMA 7B to 65B and the paper's headline
+  6. limit         is NF4 optimal? error and bits of INT4 / FP4 / NF4 (+ DQ) / AF4 / Lloyd-Max /
+                   MXFP4 / NVFP4 on Gaussian and toy-model weights; NF4's distance to the limit
 
 Each section is a function that prints; `tour()` runs them in order. It only calls the public
 pieces of the earlier lessons. What has run on a GPU: see the README's GPU section.
@@ -132,13 +134,35 @@ def memory_table() -> None:
           f" and < 48 GB with QLoRA (here {q.total / 1e9:.1f} GB)")
 
 
+def formats_comparison(seed: int = 0, quick: bool = False) -> None:
+    """Lesson 11's comparison: Gaussian weights, the toy model's pretrained weights (those QLoRA
+    quantizes; pretrained for fewer steps in quick mode), and the distance to the limit."""
+    from .compare import compare, print_comparison, print_limit
+    from .toy import pretrain
+    rows = 256 if quick else 1024
+    weight = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed))
+    print_comparison(compare(weight), f"N(0, 1) weights, {rows} x 1024")
+    steps = 200 if quick else 1000
+    base = pretrain(seed, steps=steps)
+    linears = [m.weight.detach() for name, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    n = sum(w.numel() for w in linears)
+    print()
+    print_comparison(compare(linears), f"the toy model's {len(linears)} linear weights "
+                                       f"({n:,} values) after {steps} pretraining steps")
+    print()
+    print_limit()
+
+
 def tour(seed: int = 0, quick: bool = False, device: str = "cpu", plot=None) -> None:
     size = 1024 if quick else 4096
     sections = [("1. Quantization", lambda: print_quantization_table(seed, size)),
                 ("2. The dequantization kernel", lambda: kernel_check(seed, device=device)),
                 ("3-4. Fine-tuning a toy model, paged optimizer",
                  lambda: finetune_comparison(seed, quick, device, plot)),
-                ("5. Memory", memory_table)]
+                ("5. Memory", memory_table),
+                ("6. Is NF4 optimal? The 4-bit formats and the limit",
+                 lambda: formats_comparison(seed, quick))]
     start = time.perf_counter()
     for title, run in sections:
         print(f"\n== {title} " + "=" * (60 - len(title)), flush=True)

@@ -7,7 +7,7 @@ run on this machine, so read them as "about", not as a contract. Optional refere
 import importlib
 import time
 
-SECTIONS = ("quant", "kernel", "lora", "paged")
+SECTIONS = ("quant", "kernel", "lora", "paged", "limit")
 
 
 def best_time(fn, repeat: int = 3, warmup: int = 1) -> float:
