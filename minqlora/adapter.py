@@ -28,7 +28,6 @@ from torch import nn
 
 from .checkpoint import read_safetensors
 from .lora import LoRALinear
-from .qlora import _matches
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -36,6 +35,12 @@ PLAIN = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": Fa
          "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
          "modules_to_save": None, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "use_qalora": False}   # PEFT's defaults, all ours
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT's rule for a list of target_modules (prepare_qlora's too): the whole name or its
+    last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_layers(model: nn.Module) -> dict:
