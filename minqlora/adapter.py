@@ -107,7 +107,7 @@ def _targets(config: dict, name: str) -> bool:
     """Whether PEFT's target_modules selects module `name` (a list, a regex, "all-linear")."""
     targets = config.get("target_modules")
     if targets == "all-linear":
-        return True                        # every linear but the output head: as prepared
+        return True     # every linear (PEFT skips the head of a Transformers model only)
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return isinstance(targets, list) and _matches(name, targets)
