@@ -4,6 +4,8 @@
     packed, state = mq.quantize_4bit(weight)          # NF4 + double quantization
     weight_hat = mq.dequantize_4bit(packed, state)    # backend "torch", "cuda" or "emulate"
     model = mq.prepare_qlora(model)                   # LoRA adapters over frozen Linear4bit
+    mq.save_4bit(model, "model.safetensors")          # the 4-bit base, as Transformers stores it
+    mq.save_adapter(model, "adapter/")                # the adapters, as PEFT stores them
     optimizer = mq.PagedAdamW(p for p in model.parameters() if p.requires_grad)
 
 Importing does no work: no compiling, no GPU probing, no CuPy import. The only computation
@@ -20,12 +22,15 @@ from .backends import dequantize_4bit
 # lessons 06-07: LoRA and QLoRA layers
 from .lora import LoRALinear
 from .linear4bit import Linear4bit
-from .qlora import merge_qlora, prepare_qlora, replace_module, trainable_summary
+from .qlora import merge_errors, merge_qlora, prepare_qlora, replace_module, trainable_summary
 # lesson 08: the paged optimizer
 from .pager import OutOfBudget, Pager
 from .paged_adam import PagedAdamW
 # lesson 09: the toy model, the experiment and the memory calculator
 from . import memory, toy
+# lesson 10: real checkpoints (bitsandbytes / Transformers 4-bit files, PEFT adapter folders)
+from .checkpoint import load_4bit, save_4bit
+from .adapter import load_adapter, save_adapter
 # lesson 11: codebooks from objectives, the hardware 4-bit formats, and one comparison of all
 from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_code, nf4_offset
 from .microscaling import (MXState, dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4,

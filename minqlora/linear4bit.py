@@ -1,6 +1,6 @@
 """Linear4bit: a frozen linear layer stored in NF4, computed in bf16 (lesson 07).
 
-Storage, all in buffers so state_dict() round-trips bit for bit and .to(device) moves them:
+Storage, all in buffers so .to(device) moves them (the course's names):
 
     weight_packed  uint8   (out*in/2,)          two 4-bit code indices per byte
     qabsmax        uint8   (n_blocks,)          absmax ~= DYNAMIC[qabsmax] * absmax2 + offset
@@ -8,6 +8,14 @@ Storage, all in buffers so state_dict() round-trips bit for bit and .to(device) 
     absmax2        float32 (n_blocks/256,)      one scale per 256 absmaxes
     offset         float32 ()                   the absmaxes' mean
     (double_quant=False: weight_packed, absmax float32 (n_blocks,), code)
+
+state_dict() speaks bitsandbytes' layout instead (bnb_layout.py), so a checkpoint written here
+loads in bitsandbytes and Transformers and back: weight (the bytes, (out*in/2, 1)),
+weight.absmax (qabsmax), weight.quant_map (code), weight.nested_absmax (absmax2),
+weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4 (JSON: blocksize, the original
+dtype, shape, offset), bias. load_state_dict checks such a state once, at load time, and
+takes its format (quant_type, blocksize, nesting, dtype) but refuses another shape; after a
+failed load the layer is as it was.
 
 Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
 
@@ -32,8 +40,8 @@ import torch
 from torch import nn
 
 from .backends import dequantize_4bit
+from .bnb_layout import state_as_dict, state_from_dict
 from .lora import check_input
-from .nf4 import CODES
 from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
@@ -51,13 +59,6 @@ class Layout(NamedTuple):
                                                  state2=absmax_state(absmax2, absmax.numel()))
         return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
                           dtype=self.dtype, quant_type=self.quant_type, **nested)
-
-
-def _name_loaded_code(layer, incompatible_keys) -> None:
-    """After load_state_dict, quant_type names the code table that was loaded (an fp4 checkpoint
-    in an nf4 layer); decoding always uses the loaded table itself."""
-    code = layer.code.cpu()
-    layer.quant_type = next((name for name, c in CODES.items() if torch.equal(c, code)), "custom")
 
 
 class Linear4bitFunction(torch.autograd.Function):
@@ -87,8 +88,10 @@ class Linear4bit(nn.Module):
 
     >>> _ = torch.manual_seed(0)
     >>> layer = Linear4bit.from_linear(nn.Linear(128, 64))
-    >>> sorted(layer.state_dict()), layer.weight_packed.shape
-    (['absmax2', 'bias', 'code', 'offset', 'qabsmax', 'weight_packed'], torch.Size([4096]))
+    >>> [name for name, _ in layer.named_buffers()], layer.weight_packed.shape
+    (['weight_packed', 'qabsmax', 'code', 'absmax2', 'offset'], torch.Size([4096]))
+    >>> list(layer.state_dict())[:3]               # as bitsandbytes names them
+    ['weight', 'bias', 'weight.absmax']
     >>> layer(torch.randn(2, 128)).dtype            # computed in bf16, returned as the input
     torch.float32
     """
@@ -127,16 +130,22 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit: compute_dtype must be a floating-point torch.dtype, "
                             f"got {compute_dtype!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
-        self.compute_dtype, self.weight_dtype = compute_dtype, linear.weight.dtype
-        packed, state = quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant)
-        nested = (state.state2.absmax, state.offset) if double_quant else ()
-        self.register_buffer("weight_packed", packed)
-        for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
-            self.register_buffer(name, t.to(packed.device).clone())     # code: a shared table
+        self.compute_dtype = compute_dtype
+        self._set_state(*quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant))
         b = linear.bias
         self.bias = None if b is None else nn.Parameter(b.detach().clone(), b.requires_grad)
-        self.register_load_state_dict_post_hook(_name_loaded_code)
+
+    def _set_state(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Take packed bytes + state as this layer's weight: buffers and layout attributes."""
+        self.blocksize, self.double_quant = state.blocksize, state.nested
+        self.quant_type, self.weight_dtype = state.quant_type, state.dtype
+        nested = (state.state2.absmax, state.offset) if state.nested else ()
+        device = packed.device
+        for name in ("qabsmax", "absmax", "code", "absmax2", "offset"):
+            self._buffers.pop(name, None)
+        self.register_buffer("weight_packed", packed.reshape(-1))
+        for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
+            self.register_buffer(name, t.to(device).clone())        # code: a shared table
 
     def _constant_names(self) -> tuple:                        # Layout.state's argument order
         return ("qabsmax", "code", "absmax2", "offset") if self.double_quant else ("absmax", "code")
@@ -164,6 +173,66 @@ class Linear4bit(nn.Module):
         out = Linear4bitFunction.apply(x.to(self.compute_dtype), bias, self.layout,
                                        self.weight_packed, *self.constants())
         return out.to(x.dtype)                                  # (..., out) in x's dtype
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """bitsandbytes' keys and order: weight, bias, weight.absmax, ... (bnb_layout.py)."""
+        tensors = state_as_dict(self.weight_packed, self.quant_state(), prefix + "weight")
+        destination[prefix + "weight"] = tensors.pop(prefix + "weight")
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination.update(tensors)
+
+    def parse_state_dict(self, state_dict, prefix: str = "") -> tuple:
+        """(packed, QuantState, bias or None) from this layer's keys in state_dict, checked
+        against the layer's shape; a ValueError naming the key otherwise. Changes nothing."""
+        name = prefix + "weight"
+        weight = {k: v for k, v in state_dict.items() if k == name or k.startswith(name + ".")}
+        packed, state = state_from_dict(weight, name)
+        if state.shape != (self.out_features, self.in_features):
+            raise ValueError(f"size mismatch for {name}: the checkpoint's weight has shape "
+                             f"{list(state.shape)}, this layer's is "
+                             f"{[self.out_features, self.in_features]} (out, in)")
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None and bias.shape != self.bias.shape:
+            raise ValueError(f"size mismatch for {prefix}bias: shape {list(bias.shape)} in the "
+                             f"checkpoint, {list(self.bias.shape)} in this layer")
+        return packed, state, bias
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Check every key of this layer first; load nothing of it if one is wrong."""
+        mine = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        has_bias = self.bias is not None
+        unexpected_keys += [prefix + k for k in mine if not (k == "weight" or k.startswith(
+            "weight.") or (k == "bias" and has_bias))]
+        missing_keys += [prefix + k for k in ("weight", "bias")[:1 + has_bias] if k not in mine]
+        if not any(k == "weight" or k.startswith("weight.") for k in mine):
+            return                                             # reported missing above
+        try:
+            packed, state, bias = self.parse_state_dict(state_dict, prefix)
+        except ValueError as error:
+            error_msgs.append(str(error))
+            return
+        device = self.weight_packed.device
+        self._set_state(packed.to(device, copy=True), state)
+        if bias is not None and has_bias:
+            with torch.no_grad():
+                self.bias.copy_(bias)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's load_state_dict, all or nothing: after an error the layer is unchanged."""
+        kept = (dict(self._buffers), self.blocksize, self.double_quant, self.quant_type,
+                self.weight_dtype, None if self.bias is None else self.bias.detach().clone())
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except Exception:
+            buffers, self.blocksize, self.double_quant, self.quant_type, self.weight_dtype, b = kept
+            self._buffers.clear()
+            self._buffers.update(buffers)
+            if b is not None:
+                with torch.no_grad():
+                    self.bias.copy_(b)
+            raise
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() must not round the float32 constants: they only move with the

@@ -1,4 +1,5 @@
 import io
+import json
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from minqlora.linear4bit import Layout, Linear4bit, Linear4bitFunction
 from minqlora.nf4 import FP4, NF4
 from minqlora.quant_state import quantize_4bit
 
-from helpers import gaussian
+from helpers import bits, gaussian
 
 
 def linear(in_features, out_features, bias=True, seed=0):
@@ -186,12 +187,28 @@ def test_loading_a_checkpoint_never_writes_into_the_shared_code_tables():
     assert torch.equal(layer.code, FP4) and torch.equal(NF4, nf4_before)
 
 
-def test_state_dict_keys_depend_on_double_quant():
+def test_state_dict_keys_are_bitsandbytes_and_depend_on_double_quant():
+    """bitsandbytes' Linear4bit keys, in its order; a nested state loads into a plain layer
+    (and back): the layer takes the checkpoint's format."""
     plain = Linear4bit(64, 8, double_quant=False)
-    assert list(plain.state_dict()) == ["bias", "weight_packed", "absmax", "code"]
-    assert plain.absmax.dtype == torch.float32
-    with pytest.raises(RuntimeError, match="qabsmax"):
-        plain.load_state_dict(Linear4bit(64, 8).state_dict())
+    assert [(k, tuple(v.shape), v.dtype) for k, v in plain.state_dict().items()] == [
+        ("weight", (256, 1), torch.uint8), ("bias", (8,), torch.float32),
+        ("weight.absmax", (8,), torch.float32), ("weight.quant_map", (16,), torch.float32),
+        ("weight.quant_state.bitsandbytes__nf4", (76,), torch.uint8)]
+    assert bytes(plain.state_dict()["weight.quant_state.bitsandbytes__nf4"].tolist()) == (
+        b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 64]}')
+    nested = Linear4bit(64, 8)
+    assert list(nested.state_dict()) == [
+        "weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"]
+    assert nested.state_dict()["weight.absmax"].dtype == torch.uint8
+    x = gaussian((3, 64))
+    plain.load_state_dict(nested.state_dict())
+    assert plain.double_quant and [n for n, _ in plain.named_buffers()] == [
+        "weight_packed", "qabsmax", "code", "absmax2", "offset"]
+    assert torch.equal(plain(x), nested(x))
+    nested.load_state_dict(Linear4bit(64, 8, double_quant=False, blocksize=32).state_dict())
+    assert not nested.double_quant and nested.blocksize == 32 and nested.absmax.numel() == 16
 
 
 def test_dtype_casts_never_round_the_constants():
@@ -212,10 +229,10 @@ def test_to_device_moves_every_buffer_and_keeps_dtypes():
     """.to(device) moves the bytes and the float32 constants together (the meta device stands
     in for a GPU here: same code path in _apply, no GPU needed)."""
     layer = Linear4bit.from_linear(linear(64, 32))
-    dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
-    layer.to("meta")
-    assert all(v.device.type == "meta" for v in layer.state_dict().values())
-    assert {k: v.dtype for k, v in layer.state_dict().items()} == dtypes
+    dtypes = {k: v.dtype for k, v in layer.named_buffers()}
+    layer.to("meta")                 # (state_dict() would need the offset's value for its JSON)
+    assert all(v.device.type == "meta" for _, v in layer.named_buffers())
+    assert {k: v.dtype for k, v in layer.named_buffers()} == dtypes
 
 
 def test_odd_shapes_and_other_quant_types():
@@ -279,15 +296,26 @@ def test_from_linear_refuses_device_and_dtype_it_would_ignore():
         Linear4bit.from_linear(nn.Linear(64, 8), device="cpu")
 
 
-def test_a_custom_code_checkpoint_loads_as_custom():
-    """A layer whose code table is none of CODES (e.g. a learned 4-bit code) decodes with it."""
-    layer = Linear4bit(64, 16, compute_dtype=torch.float32)
-    state_dict = layer.state_dict()
-    state_dict["code"] = state_dict["code"] * 0.5
-    layer.load_state_dict(state_dict)
-    assert layer.quant_type == "custom" and "quant_type=custom" in repr(layer)
-    x = torch.randn(3, 64)
-    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize(), layer.bias))
+def test_int4_and_custom_codes_are_stored_faithfully_and_bitsandbytes_refuses_them():
+    """A table bitsandbytes lacks is stored as it is (quant_map holds it, the JSON names it
+    int4 or custom); minqlora loads it back bit for bit, bitsandbytes refuses it."""
+    code = torch.linspace(-1, 1, 16) ** 3                          # some learned 4-bit code
+    lin = linear(64, 16, seed=15)
+    custom = Linear4bit.from_linear(lin, compute_dtype=torch.float32)
+    custom._set_state(*quantize_4bit(lin.weight.detach(), code=code))
+    for layer in (custom, Linear4bit.from_linear(lin, quant_type="int4", double_quant=False)):
+        state_dict = layer.state_dict()
+        key = f"weight.quant_state.bitsandbytes__{layer.quant_type}"
+        assert key in state_dict and torch.equal(state_dict["weight.quant_map"], layer.code)
+        other = Linear4bit(64, 16, compute_dtype=torch.float32)
+        other.load_state_dict(state_dict)
+        assert other.quant_type == layer.quant_type and "quant_type=" + layer.quant_type in repr(other)
+        assert torch.equal(other.dequantize(), layer.dequantize())
+        bnb = pytest.importorskip("bitsandbytes")
+        with pytest.raises(ValueError, match="exactly one `quant_state` item"):
+            bnb.nn.Params4bit.from_prequantized(
+                state_dict["weight"], {k[7:]: v for k, v in state_dict.items()
+                                       if k.startswith("weight.")}, device="cpu")
 
 
 def test_loading_another_formats_checkpoint_renames_quant_type():
@@ -299,3 +327,214 @@ def test_loading_another_formats_checkpoint_renames_quant_type():
     assert layer.quant_type == "fp4" and "quant_type=fp4" in repr(layer)
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), fp4(x))
+
+
+# bitsandbytes' layout, both ways, against bitsandbytes itself --------------------------------
+LAYOUT_CASES = [(qt, dq, shape, dtype) for qt in ("nf4", "fp4") for dq in (True, False)
+                for shape in ((100, 30), (64, 64), (7, 5), (300, 17)) for dtype in
+                (torch.float32, torch.float16, torch.bfloat16)]  # (in, out); 35, 1500: partial
+
+
+def assert_same_weight(ours, theirs, quant_type):
+    """Same dtype and bits; FP4's code 0b1000 aside: minqlora's FP4 table holds -0.0 there (the
+    sign bit set), bitsandbytes' table +0.0, so the sign of those zeros differs."""
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    nonzero = ours != 0
+    assert bits(ours[nonzero]).equal(bits(theirs[nonzero]))
+    if quant_type == "nf4":
+        assert bits(ours).equal(bits(theirs))
+
+
+def bnb_layer(bnb, lin, quant_type, double_quant, blocksize=64):
+    """bitsandbytes' own Linear4bit over lin's weight, quantized by bitsandbytes on the CPU
+    (its weight kept in lin's dtype: a Linear4bit(...) of its own would be float32)."""
+    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.bfloat16,
+                              compress_statistics=double_quant, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False,
+                                     blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type, module=layer)
+    layer.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return layer.to("cpu")                                       # bitsandbytes quantizes here
+
+
+@pytest.mark.parametrize("quant_type, double_quant, shape, dtype", LAYOUT_CASES)
+def test_bitsandbytes_layer_loads_and_computes_the_same(quant_type, double_quant, shape, dtype):
+    """bitsandbytes' Linear4bit.state_dict() -> mq.Linear4bit: the same weight bit for bit, in
+    the dtype the JSON records; the same forward (exactly here; within bf16's rounding where
+    bitsandbytes takes its own AVX512-BF16 kernel); and minqlora's own quantization writes the
+    same keys, shapes, dtypes and tensors (qabsmax may differ by one dynamic-code step: see
+    double_quant.py)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = linear(*shape, seed=16).to(dtype)
+    reference = bnb_layer(bnb, lin, quant_type, double_quant)
+    state_dict = reference.state_dict()
+    layer = Linear4bit(*shape)                                  # float32, nf4, nested
+    layer.load_state_dict(state_dict)
+    weight = bnb.functional.dequantize_4bit(reference.weight.data, reference.weight.quant_state)
+    assert weight.dtype == dtype
+    assert_same_weight(layer.dequantize(), weight, quant_type)
+    assert (layer.quant_type, layer.double_quant, layer.weight_dtype) == (quant_type,
+                                                                         double_quant, dtype)
+    x = gaussian((4, shape[0]), seed=17, dtype=dtype)
+    with torch.no_grad():
+        out, expected = layer(x), reference(x)
+    if not reference.support_avx512bf16_for_cpu:                # both: F.linear on bf16 W
+        assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    ours = Linear4bit.from_linear(lin, quant_type=quant_type, double_quant=double_quant)
+    ours = ours.state_dict()
+    assert [(k, v.shape, v.dtype) for k, v in ours.items()] == [
+        (k, v.shape, v.dtype) for k, v in state_dict.items()]
+    for key in ours:           # torch.equal: FP4's quant_map differs in the sign of 0 (above)
+        if key == "weight.absmax" and double_quant:      # absmax2 = 0: any code decodes alike
+            groups = state_dict["weight.nested_absmax"].repeat_interleave(256)[:ours[key].numel()]
+            steps = (ours[key].int() - state_dict[key].int()).abs()
+            assert ((steps <= 1) | (groups == 0)).all()
+        else:
+            assert torch.equal(ours[key], state_dict[key]), key
+
+
+@pytest.mark.parametrize("quant_type, double_quant, shape, dtype", LAYOUT_CASES)
+def test_what_minqlora_writes_bitsandbytes_loads(quant_type, double_quant, shape, dtype):
+    """mq.Linear4bit.state_dict() -> bitsandbytes.nn.Params4bit.from_prequantized (what
+    Transformers calls) -> bitsandbytes' dequantize_4bit gives minqlora's weight bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = Linear4bit.from_linear(linear(*shape, seed=18).to(dtype), quant_type=quant_type,
+                                   double_quant=double_quant)
+    state_dict = layer.state_dict()
+    param = bnb.nn.Params4bit.from_prequantized(
+        state_dict["weight"], {k: v for k, v in state_dict.items() if k.startswith("weight.")},
+        device="cpu")
+    assert (param.quant_type, param.blocksize, param.compress_statistics) == (
+        quant_type, 64, double_quant)
+    weight = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+    assert_same_weight(layer.dequantize(), weight, quant_type)
+
+
+def test_blocksizes_round_trip_through_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    for blocksize in (32, 128, 256, 4096):
+        lin = linear(96, 50, seed=19)
+        reference = bnb_layer(bnb, lin, "nf4", True, blocksize)
+        layer = Linear4bit(96, 50)
+        layer.load_state_dict(reference.state_dict())
+        assert layer.blocksize == blocksize
+        weight = bnb.functional.dequantize_4bit(reference.weight.data, reference.weight.quant_state)
+        assert_same_weight(layer.dequantize(), weight, "nf4")
+
+
+def test_the_recorded_dtype_travels_with_the_state():
+    """A float32-built layer that loads a float16 layer's state decodes and merges to float16."""
+    from minqlora.lora import to_linear
+    half = Linear4bit.from_linear(linear(64, 32, seed=20).half())
+    layer = Linear4bit(64, 32)
+    assert layer.weight_dtype == torch.float32
+    layer.load_state_dict(half.state_dict())
+    assert layer.weight_dtype == torch.float16 and layer.dequantize().dtype == torch.float16
+    assert torch.equal(layer.dequantize(), half.dequantize())
+    assert to_linear(layer).weight.dtype == torch.float16
+
+
+def assert_unchanged(layer, before):
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype
+               for k in before)
+
+
+def test_another_shape_is_refused_and_the_layer_is_unchanged():
+    """nn.Linear refuses a 64->32 state in a 32->64 layer; so does Linear4bit, although the
+    byte count (64 * 32 / 2) matches."""
+    layer = Linear4bit(32, 64)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: the checkpoint's weight "
+                                           r"has shape \[32, 64\], this layer's is \[64, 32\]"):
+        layer.load_state_dict(Linear4bit(64, 32).state_dict())
+    assert_unchanged(layer, before)
+    with pytest.raises(RuntimeError, match="size mismatch for bias"):
+        layer.load_state_dict({**Linear4bit(32, 64).state_dict(), "bias": torch.zeros(3)})
+    assert_unchanged(layer, before)
+
+
+def malformed(state_dict):
+    """(what is changed, the error it must give) for one good nested NF4 state_dict."""
+    s = dict(state_dict)
+    key = "weight.quant_state.bitsandbytes__nf4"
+    info = json.loads(bytes(s[key].tolist()))
+
+    def with_json(**changes):
+        blob = json.dumps({**info, **changes}).encode()
+        return {**s, key: torch.tensor(list(blob), dtype=torch.uint8)}
+
+    def without(name):
+        return {k: v for k, v in s.items() if k != name}
+    yield without("weight.absmax"), "missing key 'weight.absmax'"
+    yield without("weight.nested_quant_map"), "missing key 'weight.nested_quant_map'"
+    yield without(key), r"expected one key weight.quant_state.bitsandbytes__<quant_type>"
+    yield {**s, "weight.absmax": s["weight.absmax"][:-1]}, r"weight.absmax: expected 16 torch.uint8 values \(one per block of 64 of the 1024"
+    yield {**s, "weight": s["weight"][:-1]}, r"weight: expected 512 bytes for shape \[16, 64\], got 511"
+    yield {**s, "weight.nested_absmax": torch.ones(2)}, "weight.nested_absmax: expected one"
+    yield with_json(shape=[32, 32]), r"size mismatch for weight: .* \[32, 32\]"
+    yield with_json(shape=[16, 128]), r"weight.absmax: expected 32 torch.uint8 values"
+    yield with_json(blocksize=48), "blocksize must be a power of two"
+    yield with_json(dtype="int8"), "dtype must name a float dtype, got 'int8'"
+    yield with_json(quant_type="fp4"), "the JSON says quant_type 'fp4'"
+    yield with_json(nested_blocksize=128), "expected bitsandbytes' nested state"
+    yield with_json(extra=1), "expected JSON fields"
+    yield {**s, key: torch.tensor(list(b"{not json"), dtype=torch.uint8)}, "bytes of a JSON dict"
+    yield {**s, "weight.quant_map": FP4.clone()}, "weight.quant_map is not the nf4 table"
+    yield {**s, "weight.offset": torch.ones(())}, r"unexpected key\(s\) \['weight.offset'\]"
+    yield {**s, "weight_packed": torch.ones(())}, None          # not ours at all: torch's list
+    renamed = {k.replace("__nf4", "__af4"): v for k, v in with_json(quant_type="af4").items()}
+    yield renamed, "unknown quant_type 'af4'"
+    yield {**s, "weight.absmax": s["weight.absmax"].float()}, "weight.absmax: expected 16 torch.uint8 values"
+    plain = {k: v for k, v in s.items() if "nested" not in k}
+    yield plain, "missing key 'weight.nested_absmax'"
+
+
+def test_a_malformed_state_names_the_key_and_loads_nothing():
+    good = Linear4bit(64, 16).state_dict()
+    layer = Linear4bit(64, 16, quant_type="fp4", double_quant=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for state_dict, message in malformed(good):
+        with pytest.raises(RuntimeError, match=message or "Unexpected key.*weight_packed"):
+            layer.load_state_dict(state_dict)
+        assert_unchanged(layer, before)
+        assert (layer.quant_type, layer.double_quant) == ("fp4", False)
+    layer.load_state_dict(good)                                 # and the good one loads
+    assert layer.quant_type == "nf4" and layer.double_quant
+
+
+def test_strict_false_loads_what_is_there_as_nn_linear_does():
+    layer = Linear4bit(64, 16)
+    source = Linear4bit(64, 16)
+    result = layer.load_state_dict({k: v for k, v in source.state_dict().items() if k != "bias"},
+                                   strict=False)
+    assert result.missing_keys == ["bias"] and torch.equal(layer.weight_packed,
+                                                           source.weight_packed)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"weight\""):
+        layer.load_state_dict({"bias": torch.zeros(16)})
+
+
+def test_load_checks_once_and_forward_checks_nothing_more(monkeypatch):
+    """Validation runs at load time; forward goes straight to the dequantizer."""
+    import minqlora.bnb_layout as layout
+    calls = []
+    real = layout.state_from_dict
+    monkeypatch.setattr(linear4bit_module, "state_from_dict",
+                        lambda *a: calls.append(1) or real(*a))
+    layer = Linear4bit(64, 16)
+    layer.load_state_dict(Linear4bit(64, 16).state_dict())
+    for _ in range(3):
+        layer(gaussian((2, 64)))
+    assert calls == [1]
+
+
+def test_quant_storage_other_than_uint8_is_read_as_bytes():
+    """Transformers' bnb_4bit_quant_storage=torch.bfloat16 stores the same bytes as bf16."""
+    source = Linear4bit(64, 16)
+    state_dict = source.state_dict()
+    state_dict["weight"] = state_dict["weight"].reshape(-1).view(torch.bfloat16).reshape(-1, 1)
+    layer = Linear4bit(64, 16)
+    layer.load_state_dict(state_dict)
+    assert torch.equal(layer.weight_packed, source.weight_packed)

@@ -1,0 +1,166 @@
+"""LoRA adapters as PEFT stores them: a folder of two files (lesson 10).
+
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight   A: (r, in)
+                                base_model.model.<module path>.lora_B.weight   B: (out, r)
+    adapter_config.json         {"peft_type": "LORA", "r": 64, "lora_alpha": 16,
+                                 "lora_dropout": 0.1, "target_modules": ["down_proj", ...],
+                                 "bias": "none", "fan_in_fan_out": false, "task_type": null, ...}
+
+PEFT's LoRA computes h = W x + b + (lora_alpha / r) * B A dropout(x): lesson 06's LoRALinear,
+scaling = alpha / r, with the same names (lora_A, lora_B). "base_model.model." is where PEFT's
+PeftModel keeps the model it wraps; the module path is the plain model's (q_proj, never
+q_proj.base, as in checkpoint.py). PEFT matches a list of target_modules against the end of
+each module's name (prepare_qlora's rule), a string as a regular expression on the whole name.
+
+Worked example: ToyLM prepared at r=4 has 14 adapted linears, so the safetensors file holds 28
+tensors; layers.0.q_proj's are base_model.model.layers.0.q_proj.lora_A.weight (4, 64) and
+...lora_B.weight (64, 4), and the config says target_modules ["down_proj", ..., "v_proj"].
+
+Settings that change PEFT's formula (use_rslora: alpha / sqrt(r), use_dora, biases, ranks
+per module) have no counterpart in LoRALinear: load_adapter refuses them by name.
+"""
+import json
+import os
+import re
+
+import torch
+from torch import nn
+
+from .checkpoint import read_safetensors
+from .lora import LoRALinear
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PLAIN = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
+         "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+         "modules_to_save": None, "layer_replication": None, "target_parameters": None,
+         "trainable_token_indices": None, "use_qalora": False}   # PEFT's defaults, all ours
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT's rule for a list of target_modules (prepare_qlora's too): the whole name or its
+    last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """{module path: LoRALinear} of a prepared model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _one(layers: dict, what: str, value) -> object:
+    """The value every LoRALinear shares, or a ValueError naming the first that differs."""
+    first = value(next(iter(layers.values())))
+    for name, layer in layers.items():
+        if value(layer) != first:
+            raise ValueError(f"save_adapter: PEFT's config has one {what} for all layers; "
+                             f"{name} has {value(layer)!r}, others {first!r}")
+    return first
+
+
+def target_modules(model: nn.Module, names) -> list:
+    """The shortest list PEFT would expand to exactly `names`: their last dotted parts if those
+    pick no other module, else the full names."""
+    names = sorted(names)
+    others = [n for n, _ in model.named_modules() if n and n not in names
+              and not any(n.startswith(p + ".") for p in names)]
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    return leaves if not any(_matches(n, leaves) for n in others) else names
+
+
+def _write(path, write) -> None:
+    """write(temporary path), then move it to `path`: a reader never sees half a file."""
+    temporary = f"{path}.tmp"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """Write the LoRA adapters of a prepared model as a PEFT adapter folder."""
+    from safetensors.torch import save_file
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRALinear layers (prepare_qlora first)")
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+              "revision": None, "inference_mode": True,
+              "r": _one(layers, "r", lambda m: m.r),
+              "lora_alpha": _one(layers, "lora_alpha", lambda m: m.alpha),
+              "lora_dropout": _one(layers, "lora_dropout",
+                                   lambda m: getattr(m.dropout, "p", 0.0)),
+              "target_modules": target_modules(model, layers), "exclude_modules": None,
+              "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+              **PLAIN}
+    tensors = {f"{PREFIX}{name}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
+               for name, m in layers.items() for ab in ("lora_A", "lora_B")}
+    os.makedirs(directory, exist_ok=True)
+    _write(os.path.join(directory, WEIGHTS),
+           lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _write(os.path.join(directory, CONFIG), lambda p: open(p, "w").write(text + "\n"))
+
+
+def _targets(config: dict, name: str) -> bool:
+    """Whether PEFT's target_modules selects module `name` (a list, a regex, "all-linear")."""
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        return True     # every linear (PEFT skips the head of a Transformers model only)
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return isinstance(targets, list) and _matches(name, targets)
+
+
+def check_adapter(model: nn.Module, config: dict, tensors: dict) -> list:
+    """Every reason the adapter folder does not fit the model, as messages."""
+    layers = lora_layers(model)
+    problems = [] if layers else ["the model has no LoRALinear layers (prepare_qlora first)"]
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not 'LORA'")
+    problems += [f"{key} = {config[key]!r} has no counterpart in LoRALinear (expected "
+                 f"{default!r})" for key, default in PLAIN.items()
+                 if key in config and config[key] not in (default, None)]
+    for name, layer in layers.items():
+        if not _targets(config, name):
+            problems.append(f"{name}: adapted in the model, not in target_modules "
+                            f"{config.get('target_modules')!r}")
+        for key, ours in (("r", layer.r), ("lora_alpha", layer.alpha)):
+            if config.get(key) != ours:
+                problems.append(f"{name}: the adapter has {key}={config.get(key)!r}, the "
+                                f"model {ours!r}: prepare the model with the adapter's values")
+        for ab, shape in (("lora_A", (layer.r, layer.in_features)),
+                          ("lora_B", (layer.out_features, layer.r))):
+            key = f"{PREFIX}{name}.{ab}.weight"
+            if key not in tensors:
+                problems.append(f"missing key {key!r}")
+            elif tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+                problems.append(f"{key}: expected a float tensor of shape {list(shape)}, got "
+                                f"{list(tensors[key].shape)} of {tensors[key].dtype}")
+    expected = {f"{PREFIX}{n}.{ab}.weight" for n in layers for ab in ("lora_A", "lora_B")}
+    problems += [f"unexpected key {k!r}" for k in sorted(tensors.keys() - expected)]
+    problems += [f"{k}: non-finite values" for k in sorted(tensors.keys() & expected)
+                 if not torch.isfinite(tensors[k]).all()]
+    return problems
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load a PEFT LoRA adapter folder into a prepared model (same r, alpha and adapted
+    modules); everything is checked first, so on error the model is unchanged. Dropout is a
+    training setting and stays the model's."""
+    try:
+        with open(os.path.join(directory, CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"load_adapter: cannot read {CONFIG} in {directory}: {error}") from None
+    tensors = read_safetensors(os.path.join(directory, WEIGHTS))
+    problems = check_adapter(model, config if isinstance(config, dict) else {}, tensors)
+    if problems:
+        raise ValueError(f"load_adapter: {directory} does not fit the model "
+                         f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20]))
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            for ab in ("lora_A", "lora_B"):
+                getattr(layer, ab).weight.copy_(tensors[f"{PREFIX}{name}.{ab}.weight"])
+    return model

@@ -1,0 +1,214 @@
+"""save_4bit / load_4bit: Transformers' layout of a bitsandbytes 4-bit model, both ways; strict
+and all-or-nothing loading."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from minqlora.checkpoint import base_state_dict, file_name, load_4bit, save_4bit
+from minqlora.linear4bit import Linear4bit
+from minqlora.lora import LoRALinear
+from minqlora.qlora import prepare_qlora
+from minqlora.toy import CONFIG, ToyLM
+
+safetensors = pytest.importorskip("safetensors.torch")
+
+TOKENS = torch.tensor([[1, 10, 2, 13, 0, 0, 3]])
+
+
+def toy(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return prepare_qlora(ToyLM(), r=4, **kwargs).eval()
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, before):
+    now = model.state_dict()
+    assert list(now) == list(before)
+    assert all(now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in before.items())
+
+
+def test_file_keys_are_the_plain_models(tmp_path):
+    """q_proj.base.weight is written as q_proj.weight; adapters are left out; the unquantized
+    tensors keep their names; metadata as Transformers writes it."""
+    model = toy()
+    path = tmp_path / "model.safetensors"
+    save_4bit(model, path)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert metadata == {"format": "pt"}
+    assert not any("lora_" in k or ".base." in k for k in keys)
+    plain = {k for k in ToyLM().state_dict()}                  # the unquantized model's keys
+    layer = "layers.0.q_proj.weight"
+    assert plain - keys == set() and {k for k in keys - plain} >= {
+        layer + ".absmax", layer + ".quant_map", layer + ".nested_absmax",
+        layer + ".nested_quant_map", layer + ".quant_state.bitsandbytes__nf4"}
+    assert safetensors.load_file(path)[layer].shape == (64 * 64 // 2, 1)
+    assert not list(tmp_path.glob("*.tmp"))                    # the temporary file is gone
+
+
+def test_round_trip_gives_the_same_model(tmp_path):
+    model = toy(seed=0)
+    with torch.no_grad():                                      # adapters that do something
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.1)
+    save_4bit(model, tmp_path / "m.safetensors")
+    other = toy(seed=1)                                        # another base, other adapters
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k},
+                          strict=False)                        # copy only the adapters
+    assert not torch.equal(other(TOKENS), model(TOKENS))
+    load_4bit(other, tmp_path / "m.safetensors")
+    assert torch.equal(other(TOKENS), model(TOKENS))
+
+
+def test_loads_into_a_model_of_other_formats_and_keeps_the_adapters(tmp_path):
+    """The file's format wins (fp4, no nesting, blocksize 32); the adapters are untouched."""
+    source = toy(seed=0, quant_type="fp4", double_quant=False, blocksize=32)
+    save_4bit(source, tmp_path / "m.safetensors")
+    model = toy(seed=1)
+    adapters = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    load_4bit(model, tmp_path / "m.safetensors")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert all((m.quant_type, m.double_quant, m.blocksize) == ("fp4", False, 32) for m in layers)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in adapters.items())
+    sources = [m for m in source.modules() if isinstance(m, Linear4bit)]
+    assert all(torch.equal(a.dequantize(), b.dequantize()) for a, b in zip(layers, sources))
+
+
+def test_loads_into_a_model_of_bare_linear4bit_layers(tmp_path):
+    """Any model of Linear4bit layers: keys without .base. load as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    model[0] = Linear4bit.from_linear(model[0])
+    save_4bit(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    other = nn.Sequential(Linear4bit(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    load_4bit(other, tmp_path / "m.safetensors")
+    x = torch.randn(3, 64)
+    assert torch.equal(other(x), model(x))
+    assert file_name(model, "0.weight.absmax") == "0.weight.absmax"
+
+
+def test_a_bad_file_is_refused_and_the_model_is_unchanged(tmp_path):
+    """Missing, unexpected, mis-sized and malformed entries are all listed, naming their keys;
+    the check runs before anything is loaded."""
+    path = tmp_path / "m.safetensors"
+    save_4bit(toy(seed=0), path)
+    good = safetensors.load_file(path)
+    q = "layers.1.q_proj."
+    cases = [
+        ({k: v for k, v in good.items() if k != "norm.weight"}, "missing key 'norm.weight'"),
+        ({k: v for k, v in good.items() if k != q + "weight.absmax"},
+         f"missing key '{q}weight.absmax'"),
+        ({**good, "extra.weight": torch.zeros(1)}, "unexpected key 'extra.weight'"),
+        ({**good, q + "bias": torch.zeros(64)}, f"unexpected key '{q}bias'"),
+        ({**good, "embed_tokens.weight": torch.zeros(3, 64)},
+         r"size mismatch for embed_tokens.weight: \[3, 64\] in the file, \[14, 64\]"),
+        ({**good, q + "weight": good[q + "weight"][:-2]}, f"{q}weight: expected 2048 bytes"),
+        ({k.replace("__nf4", "__af4"): v for k, v in good.items()},
+         "bitsandbytes__af4: the JSON says quant_type 'nf4'"),
+    ]
+    model = toy(seed=1)
+    before = snapshot(model)
+    for tensors, message in cases:
+        safetensors.save_file(tensors, tmp_path / "bad.safetensors")
+        with pytest.raises(ValueError, match=message):
+            load_4bit(model, tmp_path / "bad.safetensors")
+        assert_same(model, before)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read it as a safetensors file"):
+        load_4bit(model, tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="cannot read it as a safetensors file"):
+        load_4bit(model, tmp_path / "absent.safetensors")
+    assert_same(model, before)
+
+
+def test_another_shape_of_model_is_refused(tmp_path):
+    save_4bit(toy(), tmp_path / "m.safetensors")
+    torch.manual_seed(0)
+    wider = prepare_qlora(ToyLM({**CONFIG, "intermediate_size": 96}), r=4)
+    before = snapshot(wider)
+    with pytest.raises(ValueError, match="size mismatch for layers.0.gate_proj.weight"):
+        load_4bit(wider, tmp_path / "m.safetensors")
+    assert_same(wider, before)
+
+
+def test_tied_tensors_are_written_as_copies(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 10, bias=False))
+    model[1].weight = model[0].weight                          # tied, as many LMs are
+    save_4bit(model, tmp_path / "m.safetensors")
+    loaded = safetensors.load_file(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["0.weight"], loaded["1.weight"])
+    assert base_state_dict(model).keys() == loaded.keys()
+
+
+# against Transformers: a tiny LLaMA made in code, nothing downloaded --------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(folder of a float32 tiny LLaMA, Transformers' 4-bit model of it, its saved folder)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / "fp32")
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = transformers.LlamaForCausalLM.from_pretrained(
+        folder / "fp32", quantization_config=quantization, device_map="cpu",
+        dtype=torch.float32).eval()
+    quantized.save_pretrained(folder / "nf4")
+    return transformers, folder, quantized
+
+
+def minqlora_llama(transformers, folder, seed=1):
+    """The same architecture, prepared by minqlora (other random weights: load must fix them)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig.from_pretrained(folder / "fp32")
+    return prepare_qlora(transformers.LlamaForCausalLM(config), r=4).eval()
+
+
+def test_a_transformers_4bit_checkpoint_loads_and_computes_the_same(llama):
+    transformers, folder, quantized = llama
+    model = minqlora_llama(transformers, folder)
+    load_4bit(model, folder / "nf4" / "model.safetensors")
+    import bitsandbytes as bnb
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            ours = model.get_submodule(name).base.dequantize()
+            theirs = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs), name
+    ids = torch.tensor([[1, 5, 9, 2, 30, 7]])
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, quantized(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)   # bf16 compute both
+
+
+def test_what_minqlora_writes_transformers_loads(llama, tmp_path):
+    """save_4bit + the config that says how it was quantized -> from_pretrained."""
+    transformers, folder, quantized = llama
+    model = minqlora_llama(transformers, folder, seed=2)
+    save_4bit(model, tmp_path / "model.safetensors")
+    config = json.loads((folder / "nf4" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu").eval()
+    import bitsandbytes as bnb
+    for name, module in loaded.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            theirs = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert torch.equal(model.get_submodule(name).base.dequantize(), theirs), name
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
