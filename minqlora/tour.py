@@ -65,7 +65,8 @@ def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu",
     from .finetune import METHODS, finetune
     from .memory import estimate
     from .pager import Pager
-    from .toy import CONFIG, evaluate, make_data, pretrain
+    from .toy import CONFIG, make_data, pretrain
+    from .training import evaluate
     base = pretrain(seed, steps=600 if quick else 1000, progress=True, device=device)
     add = evaluate(base, make_data("add", seed)["heldout"].to(device))
     sub = evaluate(base, make_data("sub", seed)["heldout"].to(device))

@@ -1,10 +1,12 @@
-"""The two commands people run, end to end in quick mode: `python -m minqlora --quick` (the
-tour, about 35 s here) and `python -m minqlora bench --quick` (about 12 s). They check that
-every section still runs and prints its table, not the numbers (those are the lessons' and the
-other tests' business; timings are not asserted)."""
+"""The command line: its --help, and the two commands people run, end to end in quick mode:
+`python -m minqlora --quick` (the tour, about 35 s here) and `python -m minqlora bench --quick`
+(about 12 s). They check that every section still runs and prints its table, not the numbers
+(those are the lessons' and the other tests' business; timings are not asserted)."""
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def run(*args) -> str:
@@ -30,3 +32,13 @@ def test_the_bench_prints_every_section():
     out = run("bench", "--quick")
     for section in ("[quant]", "kernel (CPU", "[lora]", "[paged]"):
         assert section in out
+
+
+def test_cli_help_lists_the_subcommands_and_options(capsys):
+    from minqlora.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for word in ("tour", "bench", "--seed", "--quick", "--device", "--plot", "--only"):
+        assert word in out
