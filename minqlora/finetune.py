@@ -12,9 +12,9 @@ schedule (torch's OneCycleLR with its defaults, which also cycles AdamW's beta1 
 and 0.95). lora16 and the qlora variants differ only in how the frozen linear weights are
 stored (bf16 vs 4 bits); both compute in the same compute_dtype and keep float32 adapters
 (PEFT's default) and the embedding, norms and lm_head frozen in float32 (QLoRA also leaves
-lm_head unquantized). compute_dtype is bf16 on a GPU, as in the paper, and float32 on a CPU:
-a CPU without bf16 instructions runs a bf16 matmul about 8x slower than a float32 one, and
-the stored weights (what the methods differ in) are the same either way.
+lm_head unquantized). compute_dtype is bf16 on a GPU, as in the paper, and float32 on a CPU,
+which without bf16 instructions runs a bf16 matmul several times slower; the stored weights,
+what the methods differ in, are the same either way.
 
 Worked example: result = finetune(pretrain(), "qlora") gives result.heldout_loss,
 result.accuracy and result.bytes = {"weights": ..., "adapters": ..., "optimizer": ...},
@@ -103,9 +103,8 @@ def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: i
         model.requires_grad_(False)
         for name in linear_names(model):
             parent, _, child = name.rpartition(".")
-            bf16 = Bf16Linear.from_linear(model.get_submodule(name), compute_dtype)
-            layer = LoRALinear(bf16, r, alpha)
-            setattr(model.get_submodule(parent), child, layer)
+            frozen = Bf16Linear.from_linear(model.get_submodule(name), compute_dtype)
+            setattr(model.get_submodule(parent), child, LoRALinear(frozen, r, alpha))
     return model
 
 

@@ -77,9 +77,16 @@ def test_pretrain_is_deterministic_and_leaves_the_global_rng_alone():
     assert not torch.equal(m1.lm_head.weight, toy.pretrain(seed=4, steps=5).lm_head.weight)
 
 
-def test_pretraining_learns_addition_not_subtraction(base):
-    """Held-out addition accuracy over seeds 0..4: 0.87, 0.99, 1.00, 0.83, 0.98;
-    subtraction before fine-tuning: at most 0.011."""
-    assert toy.evaluate(base, toy.make_data("add")["heldout"])[1] > 0.75
-    assert toy.evaluate(base, toy.make_data("sub")["heldout"])[1] < 0.05
-    assert mq.toy.pretrain is toy.pretrain and mq.toy.finetune is finetune
+def test_pretraining_learns_addition_not_subtraction(toy_base):
+    """toy.pretrain(seed=s) for seeds 0..4 on PyTorch's CPU kernel paths default and avx2 (the
+    course machine has no avx512), held-out accuracy on make_data(task, seed=s):
+
+                          seed 0  seed 1  seed 2  seed 3  seed 4
+        addition, avx2     1.000   1.000   1.000   0.999   0.987
+        addition, default  0.999   1.000   1.000   1.000   0.990
+        subtraction, avx2  0.005   0.016   0.007   0.010   0.006
+        subtr., default    0.006   0.021   0.002   0.007   0.007
+
+    Bounds: >= 0.95 (lowest measured 0.987) and < 0.05 (highest 0.021)."""
+    assert evaluate(toy_base, toy.make_data("add")["heldout"])[1] >= 0.95
+    assert evaluate(toy_base, toy.make_data("sub")["heldout"])[1] < 0.05
