@@ -10,8 +10,11 @@
 Everything else is shared: the data (toy.make_data("sub")), the seed, the batches, the
 schedule (torch's OneCycleLR with its defaults, which also cycles AdamW's beta1 between 0.85
 and 0.95). lora16 and the qlora variants differ only in how the frozen linear weights are
-stored (bf16 vs 4 bits); both compute in bf16 and keep float32 adapters (PEFT's default) and
-the embedding, norms and lm_head frozen in float32 (QLoRA also leaves lm_head unquantized).
+stored (bf16 vs 4 bits); both compute in the same compute_dtype and keep float32 adapters
+(PEFT's default) and the embedding, norms and lm_head frozen in float32 (QLoRA also leaves
+lm_head unquantized). compute_dtype is bf16 on a GPU, as in the paper, and float32 on a CPU,
+which without bf16 instructions runs a bf16 matmul several times slower; the stored weights,
+what the methods differ in, are the same either way.
 
 Worked example: result = finetune(pretrain(), "qlora") gives result.heldout_loss,
 result.accuracy and result.bytes = {"weights": ..., "adapters": ..., "optimizer": ...},
@@ -34,21 +37,33 @@ from .toy import make_data
 from .training import evaluate, train
 
 METHODS = ("full", "lora16", "qlora", "qlora-fp4", "qlora-int4")
-QUANT_TYPES = {"qlora": "nf4", "qlora-fp4": "fp4", "qlora-int4": "int4"}
+QUANT_TYPE_OF = {"qlora": "nf4", "qlora-fp4": "fp4", "qlora-int4": "int4"}   # method -> quant_type
 
 
 class Bf16Linear(nn.Linear):
-    """lora16's base: a frozen nn.Linear stored and computed in bf16, returning x's dtype."""
+    """lora16's base: a frozen linear stored in bf16, computed in compute_dtype, returning x's
+    dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=torch.bfloat16)
+        self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+        w, b = (None if t is None else t.to(self.compute_dtype) for t in (self.weight, self.bias))
+        return nn.functional.linear(x.to(self.compute_dtype), w, b).to(x.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
+    def from_linear(cls, linear: nn.Linear, compute_dtype=torch.bfloat16) -> "Bf16Linear":
         new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  dtype=torch.bfloat16)
+                  compute_dtype, linear.weight.device)
         new.load_state_dict(linear.state_dict())                # rounds float32 -> bf16
         return new.requires_grad_(False)
+
+
+def default_compute_dtype(device) -> torch.dtype:
+    """bf16 on a GPU (the paper's setting), float32 on a CPU (see the module docstring)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass
@@ -69,10 +84,12 @@ def linear_names(model: nn.Module, exclude=("lm_head",)) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in exclude]
 
 
-def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: int = 0):
+def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: int = 0,
+            compute_dtype: torch.dtype = torch.float32):
     """A deep copy of base made ready for `method`: all trainable (full), or frozen with LoRA
-    adapters over bf16 (lora16) or 4-bit (qlora*) copies of every linear but lm_head. The
-    adapters' random init is drawn after torch.manual_seed(seed); the global RNG is left alone."""
+    adapters over bf16 (lora16) or 4-bit (qlora*) copies of every linear but lm_head, computing
+    in compute_dtype. The adapters' random init is drawn after torch.manual_seed(seed); the
+    global RNG is left alone."""
     if method not in METHODS:
         raise ValueError(f"finetune: method must be one of {METHODS}, got {method!r}")
     model = copy.deepcopy(base).float()
@@ -80,13 +97,14 @@ def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: i
         return model.requires_grad_(True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if method in QUANT_TYPES:
-            return prepare_qlora(model, r, alpha, dropout=0.0, quant_type=QUANT_TYPES[method])
+        if method in QUANT_TYPE_OF:
+            return prepare_qlora(model, r, alpha, dropout=0.0, quant_type=QUANT_TYPE_OF[method],
+                                 compute_dtype=compute_dtype)
         model.requires_grad_(False)
         for name in linear_names(model):
             parent, _, child = name.rpartition(".")
-            layer = LoRALinear(Bf16Linear.from_linear(model.get_submodule(name)), r, alpha)
-            setattr(model.get_submodule(parent), child, layer)
+            frozen = Bf16Linear.from_linear(model.get_submodule(name), compute_dtype)
+            setattr(model.get_submodule(parent), child, LoRALinear(frozen, r, alpha))
     return model
 
 
@@ -113,13 +131,14 @@ def weight_error(base: nn.Module, model: nn.Module) -> float:
 
 def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 64,
              lr: float = None, r: int = 8, alpha: float = 16, seed: int = 0, task: str = "sub",
-             pager=None, progress: bool = False, device="cpu") -> FinetuneResult:
+             pager=None, progress: bool = False, device="cpu", compute_dtype=None,
+             eval_every: int = None) -> FinetuneResult:
     """Fine-tune a copy of `base` on `task` by `method`; base itself is not changed.
 
-    lr defaults to 2e-3 for full fine-tuning and 5e-3 for the LoRA methods (B starts at zero;
-    chosen by a short look at seed 0 among 1e-3..3e-3 and 3e-3..1e-2). pager: a Pager for
-    PagedAdamW (qlora methods only).
-    progress=True shows a tqdm bar on stderr. device="cuda" runs on a GPU (NOT run on one yet).
+    lr defaults to 2e-3 for full fine-tuning and 5e-3 for the LoRA methods (B starts at zero,
+    so the adapters take a larger step). pager: a Pager for PagedAdamW (qlora methods only).
+    compute_dtype: default_compute_dtype(device). eval_every: steps between the points of
+    result.heldout_curve (default steps // 10). progress=True shows a tqdm bar on stderr.
 
     >>> from minqlora.toy import ToyLM
     >>> r = finetune(ToyLM(), "qlora", steps=20)          # an untrained base, for the bytes
@@ -130,17 +149,19 @@ def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 6
         raise ValueError(f"finetune: steps must be an integer >= 20 (the schedule warms up for "
                          f"10% of them), got {steps!r}")
     start = time.perf_counter()
-    model = convert(base, method, r, alpha, seed).to(device)
+    if compute_dtype is None:
+        compute_dtype = default_compute_dtype(device)
+    model = convert(base, method, r, alpha, seed, compute_dtype).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = lr if lr is not None else (2e-3 if method == "full" else 5e-3)
-    if method in QUANT_TYPES:
+    if method in QUANT_TYPE_OF:
         opt = PagedAdamW(params, lr=lr, weight_decay=0.0, pager=pager)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
     data = {k: v.to(device) for k, v in make_data(task, seed).items()}
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     losses, curve = train(model, data["train"], params, opt, steps, batch_size, seed, method,
-                          progress, sched, data["heldout"], max(steps // 10, 1))
+                          progress, sched, data["heldout"], eval_every or max(steps // 10, 1))
     loss, acc = evaluate(model, data["heldout"])
     state = opt.state_dict()["state"].values()
     held = stored_bytes(model)
@@ -151,5 +172,5 @@ def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 6
                "adapters": held["trainable"] if method != "full" else 0,
                "optimizer": sum(s[k].numel() * s[k].element_size() for s in state
                                 for k in ("exp_avg", "exp_avg_sq"))},
-        pager_stats=opt.pager.stats() if method in QUANT_TYPES else None,
+        pager_stats=opt.pager.stats() if method in QUANT_TYPE_OF else None,
         seconds=time.perf_counter() - start)

@@ -26,16 +26,6 @@ def answer_loss(model: nn.Module, seqs: torch.Tensor) -> tuple[torch.Tensor, tor
     return loss, (logits.argmax(-1) == seqs[:, -3:]).all(1)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, seqs: torch.Tensor) -> tuple[float, float]:
-    """(held-out loss, exact-match accuracy) of model on seqs, as Python floats."""
-    was_training = model.training
-    model.eval()
-    loss, correct = answer_loss(model, seqs)
-    model.train(was_training)
-    return loss.item(), correct.float().mean().item()
-
-
 @contextlib.contextmanager
 def one_thread():
     """Run torch on one thread inside the block: for 64 x 128 matrices a second thread only adds
@@ -46,6 +36,17 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, seqs: torch.Tensor) -> tuple[float, float]:
+    """(held-out loss, exact-match accuracy) of model on seqs, as Python floats (one thread)."""
+    was_training = model.training
+    model.eval()
+    with one_thread():
+        loss, correct = answer_loss(model, seqs)
+    model.train(was_training)
+    return loss.item(), correct.float().mean().item()
 
 
 def train(model, seqs, params, optimizer, steps, batch_size, seed, desc="train", progress=False,

@@ -19,3 +19,10 @@ def emulation():
         return build_emulation()
     except EmulationUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def toy_base():
+    """toy.pretrain(seed=0), built once for the toy, training and fine-tuning tests."""
+    from minqlora import toy
+    return toy.pretrain(seed=0)

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from minqlora.nf4 import CODES
 from minqlora.tour import memory_table, quantization_table
 
@@ -51,3 +53,13 @@ def test_the_tours_quantization_table_covers_every_code():
         assert bits == (4.5 if not dq else (32768 + 1024 + 16 + 4) * 8 / 65536)
         assert 0 < rmse < max_err < 0.05                    # a N(0, 0.02) weight, 4-bit error
     assert rows[0][2] < rows[2][2]                          # NF4 beats FP4 on Gaussian weights
+
+
+def test_cli_help_lists_the_subcommands_and_options(capsys):
+    from minqlora.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for word in ("tour", "bench", "--seed", "--quick", "--device", "--plot", "--only"):
+        assert word in out

@@ -8,6 +8,7 @@ from minqlora.finetune import Bf16Linear, convert
 from minqlora.linear4bit import Linear4bit
 from minqlora.paged_adam import PagedAdamW
 from minqlora.qlora import prepare_qlora, trainable_summary
+from minqlora.training import answer_loss
 
 
 def test_preset_parameter_counts_are_llamas():
@@ -61,7 +62,7 @@ def _nbytes(tensors):
 
 
 def _step(model, opt):
-    loss, _ = toy.answer_loss(model, toy.make_data("add")["train"][:8])
+    loss, _ = answer_loss(model, toy.make_data("add")["train"][:8])
     loss.backward()
     opt.step()
 

@@ -94,16 +94,12 @@ def test_names_are_imported_from_the_module_that_defines_them():
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
-def test_no_module_level_getattr(path, request):
-    if path.name == "toy.py":                  # its lazy import of finetune goes with issue 9
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 9 removes it"))
+def test_no_module_level_getattr(path):
     names = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
     assert "__getattr__" not in names, f"{path.name} defines a module-level __getattr__"
 
 
 @pytest.mark.parametrize("module", sorted(LESSON))
-def test_every_module_has_a_test_file(module, request):
-    if module in ("training", "finetune"):     # their test files come with issue 9
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 9 adds the test file"))
+def test_every_module_has_a_test_file(module):
     name = TEST_FILE.get(module, f"test_{module.strip('_')}")
     assert (TESTS / f"{name}.py").exists(), f"minqlora/{module}.py has no tests/{name}.py"

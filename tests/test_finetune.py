@@ -1,0 +1,113 @@
+"""The five-way fine-tuning experiment: conversion, bytes, determinism, and what the runs show.
+
+The training-dependent bounds below were measured on the grid of base seeds 0..4 (base and
+fine-tuning seed alike) x PyTorch's CPU kernel paths default and avx2 (this machine has no
+avx512); each test's docstring gives the measured range and the margin.
+"""
+import pytest
+import torch
+from torch import nn
+
+from minqlora import memory, toy
+from minqlora.finetune import (METHODS, QUANT_TYPE_OF, Bf16Linear, convert,
+                               default_compute_dtype, finetune)
+from minqlora.linear4bit import Linear4bit
+from minqlora.lora import LoRALinear
+from minqlora.training import evaluate
+
+STEPS = 100          # finetune's default is 500; 100 keeps this file short, bounds below
+
+
+def test_bad_input_says_what_was_expected():
+    with pytest.raises(ValueError, match="method must be one of"):
+        finetune(toy.ToyLM(), "qlora-nf3")
+    with pytest.raises(ValueError, match=r"steps must be an integer >= 20 .*, got 5"):
+        finetune(toy.ToyLM(), "qlora", steps=5)
+
+
+def test_convert_freezes_the_base_and_computes_in_the_chosen_dtype():
+    torch.manual_seed(0)
+    base = toy.ToyLM()
+    assert default_compute_dtype("cpu") == torch.float32
+    assert default_compute_dtype("cuda") == torch.bfloat16
+    for method in METHODS[1:]:
+        model = convert(base, method, compute_dtype=torch.float32)
+        q = model.layers[0].q_proj
+        assert isinstance(q, LoRALinear) and isinstance(model.lm_head, nn.Linear)
+        assert q.base.compute_dtype == torch.float32
+        if method in QUANT_TYPE_OF:
+            assert isinstance(q.base, Linear4bit) and q.base.quant_type == QUANT_TYPE_OF[method]
+        trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"lora_A", "lora_B"}
+    assert all(p.requires_grad for p in convert(base, "full").parameters())
+    x = torch.randn(5, 64)
+    w = base.layers[0].q_proj.weight
+    layer = Bf16Linear.from_linear(base.layers[0].q_proj, compute_dtype=torch.float32)
+    assert layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer(x), x @ w.bfloat16().float().T)               # bf16 W, float32 math
+
+
+@pytest.fixture(scope="module")
+def base_before(toy_base):
+    """The base's tensors before any fine-tuning (results needs this, so it is taken first)."""
+    return {k: v.clone() for k, v in toy_base.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def results(toy_base, base_before):
+    """One run per method on the one shared base."""
+    return {m: finetune(toy_base, m, steps=STEPS) for m in METHODS}
+
+
+def test_every_method_learns_the_new_task_and_leaves_the_base_alone(toy_base, base_before,
+                                                                       results):
+    """Each run starts from its converted, untrained model (LoRA's B = 0), which is the base up
+    to the rounding of its stored weights: held-out loss within 0.04 % of the base's for bf16,
+    1.5 % for the 4-bit types (bounds 0.2 % and 10 %). After 100 steps the held-out loss is
+    7.9x to 16.2x below the start over the grid (bound: 4x)."""
+    sub = toy.make_data("sub")["heldout"]
+    base_loss = evaluate(toy_base, sub)[0]
+    for m, r in results.items():
+        start = evaluate(convert(toy_base, m), sub)[0]
+        assert r.heldout_curve[0][1] == start, m
+        assert start == pytest.approx(base_loss, rel=0.002 if m in ("full", "lora16") else 0.1)
+        assert r.heldout_loss < start / 4 and len(r.losses) == STEPS, m
+    assert all(torch.equal(base_before[k], v) for k, v in toy_base.state_dict().items())
+
+
+def test_nf4_reconstructs_the_base_best(results):
+    """Relative error of the stored linear weights over the grid: NF4 0.0911-0.0921, int4
+    0.1032-0.1057, FP4 0.1196-0.1214, bf16 0.0017; in every run int4's is at least 1.12x NF4's
+    and FP4's at least 1.14x int4's (asserted: 1.05x each)."""
+    err = {m: results[m].weight_error for m in METHODS}
+    assert err["full"] == 0 and err["lora16"] < 0.005
+    assert err["qlora-int4"] > 1.05 * err["qlora"] and err["qlora-fp4"] > 1.05 * err["qlora-int4"]
+
+
+def test_qlora_matches_lora16_within_seed_noise(results):
+    """Held-out loss after 100 steps over the grid: qlora / lora16 = 0.887 to 1.132 (asserted:
+    between 2/3 and 1.5); qlora / min(fp4, int4) = 0.950 to 1.092 (asserted: below 1.25). The
+    lowest loss of the three 4-bit types went to NF4 on 4 of the 10 runs, FP4 on 5, int4 on 1:
+    within the seed-to-seed noise, so no ranking of the 4-bit types is asserted."""
+    loss = {m: r.heldout_loss for m, r in results.items()}
+    assert 2 / 3 < loss["qlora"] / loss["lora16"] < 1.5
+    assert loss["qlora"] < 1.25 * min(loss["qlora-fp4"], loss["qlora-int4"])
+
+
+def test_finetune_is_deterministic_for_a_seed(toy_base):
+    state = torch.random.get_rng_state()
+    a, b, c = (finetune(toy_base, "lora16", steps=20, seed=s) for s in (5, 5, 6))
+    assert a.losses == b.losses and a.heldout_curve == b.heldout_curve and a.losses != c.losses
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_bytes_follow_the_memory_calculator(results):
+    """Measured bytes of each run = memory.estimate at the toy's settings (float32 adapters and
+    float32 embedding, norms and lm_head)."""
+    n_all = memory.count_params(toy.CONFIG)
+    full, lora, q = results["full"].bytes, results["lora16"].bytes, results["qlora"].bytes
+    assert full == {"weights": 4 * n_all, "adapters": 0, "optimizer": 8 * n_all}
+    e = memory.estimate(toy.CONFIG, "qlora", r=8, weight_bits=32, adapter_bits=32)
+    assert q["weights"] == e.weights + e.quant_constants
+    assert q["adapters"] == lora["adapters"] == e.adapters and q["optimizer"] == e.optimizer
+    assert results["qlora"].trainable == 17_408 and results["full"].trainable == n_all
