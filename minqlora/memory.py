@@ -13,13 +13,21 @@ lm_head (vocab x h each) and a final norm. Every count below follows from those 
 4-bit constants per weight of n values (blocksize 64, double quantization, as QuantState.nbytes
 counts them): ceil(n/64) uint8 absmaxes + 4 bytes of absmax2 per 256 of those + a 4-byte offset,
 4.127 bits per parameter in all, plus the layer's 64-byte code table (16 float32 values).
-LoRA adds r * (in + out) parameters per targeted linear.
+LoRA adds r * (in + out) parameters per targeted linear. No method counts a float32 master copy
+of the trainable weights unless master_weights=True (4 bytes more per trainable parameter).
 
-Worked example: LLaMA-65B has 65.29e9 parameters; full16 needs 2 + 2 + 8 = 12 bytes each,
-783 GB: the paper's "more than 780 GB". QLoRA stores the same model in about 34 GB, and its
-r = 64 adapters on all linears (0.8e9 parameters) add 2 + 2 + 8 bytes each: about 45 GB, under
-one 48 GB GPU. Activations are an estimate (documented at `activations`), the one part that
-depends on batch and sequence length.
+Worked example: LLaMA-65B has 65.29e9 parameters. full16 counts, for each, a 2-byte weight, a
+2-byte gradient and 8 bytes of AdamW moments: 12 bytes, 783 GB, the paper's "more than 780 GB".
+That assumes no master copy. Mixed-precision training usually also keeps float32 master weights,
+16 bytes per parameter and about 1.04 TB at 65B, so 780 GB is a lower bound:
+
+>>> e = estimate("llama-65b", "full16", master_weights=True)
+>>> round((e.weights + e.gradients + e.optimizer) / count_params("llama-65b"))
+16
+
+QLoRA stores the same model in about 34 GB, and its r = 64 adapters on all linears (0.8e9
+parameters) add 2 + 2 + 8 bytes each: about 45 GB, under one 48 GB GPU. Activations are an
+estimate (documented in `estimate`), the one part that depends on batch and sequence length.
 
 This module counts; it neither allocates nor measures. tests/test_memory.py checks it against
 the bytes actually held by the toy model of toy.py and by qlora.py's layers.
@@ -108,7 +116,8 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     method: "full16", "lora16" or "qlora" (see the module docstring for what each stores).
 
     optimizer_bytes: state bytes per trainable parameter (AdamW: two fp32 moments = 8).
-    master_weights: add a 4-byte fp32 copy of each trainable parameter (mixed precision).
+    master_weights: add a 4-byte fp32 copy of each trainable parameter, as mixed-precision
+    training usually keeps (full16 then counts 16 bytes per parameter instead of 12).
     activations: with gradient_checkpointing, one saved hidden state per block
     (L * batch * seq * h); without, what a block saves for backward with fused attention
     (about 10h + 3m values per token per block). Both at activation_bits.
