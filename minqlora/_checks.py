@@ -5,6 +5,9 @@ expected, and names the function (`where`) the caller called.
 Traceback (most recent call last):
 ValueError: quantize_4bit: blocksize must be a power of two >= 2, got 48
 """
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -54,3 +57,22 @@ def check_code(code, where: str, most: int = 256, increasing: bool = True) -> No
     if increasing and not (code[1:] > code[:-1]).all():
         raise ValueError(f"{where}: code must be sorted in strictly increasing order "
                          "(the nearest-code search uses midpoints between neighbours)")
+
+
+def private_dir(path: Path, what: str, how: str) -> Path:
+    """path, created with mode 0700 if missing; a RuntimeError naming it (and `how` to choose
+    another) unless it is a folder of this user that group and others cannot write to. Files
+    loaded from a folder others can write to could be anyone's code."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()                  # follows a symlink: the folder it points to counts
+    except OSError as e:
+        raise RuntimeError(f"{what} {path} cannot be used ({e}); {how}") from None
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise RuntimeError(f"{what} {path} belongs to user id {info.st_uid}, not to you "
+                           f"({os.getuid()}); {how}")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"{what} {path} can be written by others (mode "
+                           f"{info.st_mode & 0o777:o}), who could plant code there; {how}, or "
+                           f"`chmod go-w {path}`")
+    return path
