@@ -76,3 +76,35 @@ def private_dir(path: Path, what: str, how: str) -> Path:
                            f"{info.st_mode & 0o777:o}), who could plant code there; {how}, or "
                            f"`chmod go-w {path}`")
     return path
+
+
+def check_adamw_options(group: dict, where: str) -> None:
+    """A ValueError for a torch AdamW option that minqlora's AdamW does not implement (rather
+    than an update that silently ignores it)."""
+    bad = [f"{k}={group[k]!r}" for k in ("amsgrad", "capturable", "differentiable", "fused")
+           if group.get(k)]
+    if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
+        bad.append("decoupled_weight_decay=False (Adam's L2 penalty)")
+    if bad:
+        raise ValueError(f"PagedAdamW.{where}: {', '.join(bad)} is not implemented (AdamW with "
+                         "or without maximize is); use torch.optim.AdamW for it")
+
+
+def check_adamw_state(saved: dict, shape: torch.Size, where: str) -> torch.Tensor:
+    """One parameter's saved AdamW state: step (one number; returned as a new 0-d tensor) and
+    exp_avg, exp_avg_sq floating-point tensors of the parameter's shape, or a ValueError."""
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    for k in ("exp_avg", "exp_avg_sq"):
+        t = saved[k]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != shape:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t)
+            raise ValueError(f"{where}: {k} is {got}, but the parameter is a {tuple(shape)} "
+                             "floating-point tensor (another model's checkpoint? torch's AdamW "
+                             "refuses it too)")
+    step = saved["step"]
+    step = step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+    if step.numel() != 1:
+        raise ValueError(f"{where}: step must be one number, got shape {tuple(step.shape)}")
+    return step.reshape(())
