@@ -12,17 +12,27 @@ import torch
 
 
 def check_float(x, where: str) -> None:
-    """A floating-point tensor with no NaN or Inf, or a TypeError / ValueError that says so."""
+    """A floating-point tensor with no NaN or Inf, and none beyond float32's range (absmaxes are
+    stored in float32), or a TypeError / ValueError that says so."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{where}: expected a floating-point tensor (float32, bfloat16, float16, "
                         f"float64), got {x.dtype}")
-    bad = (~torch.isfinite(x)).sum().item() if x.numel() else 0
+    if not x.numel():
+        return
+    xf = x.float() if x.element_size() == 1 else x.detach()     # float8: no isfinite of its own
+    bad = (~torch.isfinite(xf)).sum().item()
     if bad:
-        nan = torch.isnan(x).sum().item()
+        nan = torch.isnan(xf).sum().item()
         raise ValueError(f"{where}: input has {bad} non-finite value(s) ({nan} NaN, {bad - nan} "
                          f"Inf) out of {x.numel()}; quantization needs finite numbers")
+    if x.dtype == torch.float64:
+        big = torch.isinf(xf.float()).sum().item()
+        if big:
+            raise ValueError(f"{where}: {big} value(s) beyond float32's range (largest |x| "
+                             f"{xf.abs().max().item():.4g} > 3.4028e+38): absmaxes are stored in "
+                             "float32; scale the tensor down first")
 
 
 def check_dtype(dtype, where: str) -> None:
