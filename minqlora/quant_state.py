@@ -121,8 +121,8 @@ def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
     state.shape (a torch.Size), a floating-point state.dtype, a power-of-two blocksize, a 1-D
     float code of 2 to 16 values, one absmax per block (float; uint8 when nested) and, when
     nested, one float offset and a state2 with a power-of-two blocksize, one float absmax2 per
-    state2.blocksize absmaxes and a 256-value float code. Shapes and dtypes only: no tensor
-    value is read (no device sync), so it is cheap enough for every call."""
+    state2.blocksize absmaxes and a 256-value float code, all 1-D (or 0-d). Shapes and dtypes
+    only: no tensor value is read (no device sync), so it is cheap enough for every call."""
     if not isinstance(state, QuantState):
         raise TypeError(f"{where}: expected a QuantState, got {type(state).__name__}")
     if not isinstance(state.shape, torch.Size) or any(d < 0 for d in state.shape):
@@ -133,7 +133,7 @@ def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
     n, nested = state.shape.numel(), state.state2 is not None
     uint8, real = (lambda d: d == torch.uint8), (lambda d: d.is_floating_point)
     _fits(packed, ceil_div(n, 2), uint8, f"{ceil_div(n, 2)} uint8 bytes for shape "
-                                         f"{tuple(state.shape)}", where)
+                                         f"{tuple(state.shape)}", where, any_shape=True)
     check_blocksize(state.blocksize, where)
     code = state.code
     if not isinstance(code, torch.Tensor) or code.dim() != 1 or not 2 <= code.numel() <= 16 \
@@ -161,9 +161,12 @@ def _got(t) -> str:
     return f"{t.numel()} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _fits(t, numel: int, dtype_ok, expected: str, where: str) -> None:
-    if not (isinstance(t, torch.Tensor) and dtype_ok(t.dtype) and t.numel() == numel):
-        raise ValueError(f"{where}: expected {expected}, got {_got(t)}")
+def _fits(t, numel: int, dtype_ok, expected: str, where: str, any_shape: bool = False) -> None:
+    """t holds numel values of an accepted dtype, in one dimension (or none) unless any_shape."""
+    if not (isinstance(t, torch.Tensor) and dtype_ok(t.dtype) and t.numel() == numel
+            and (any_shape or t.dim() <= 1)):
+        got = f"{_got(t)}{f' in shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else ''}"
+        raise ValueError(f"{where}: expected {expected}, got {got}")
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
