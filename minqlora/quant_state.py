@@ -130,10 +130,9 @@ def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
     if not (isinstance(state.dtype, torch.dtype) and state.dtype.is_floating_point):
         raise TypeError(f"{where}: state.dtype (what was quantized) must be a floating-point "
                         f"dtype, got {state.dtype!r}")
-    n, nested = state.shape.numel(), state.state2 is not None
-    uint8, real = (lambda d: d == torch.uint8), (lambda d: d.is_floating_point)
-    _fits(packed, ceil_div(n, 2), uint8, f"{ceil_div(n, 2)} uint8 bytes for shape "
-                                         f"{tuple(state.shape)}", where, any_shape=True)
+    n, nested, uint8 = state.shape.numel(), state.state2 is not None, torch.uint8
+    _fits(packed, ceil_div(n, 2), uint8, where, lambda: f"{ceil_div(n, 2)} uint8 bytes for "
+          f"shape {tuple(state.shape)}", any_shape=True)      # messages made only on failure
     check_blocksize(state.blocksize, where)
     code = state.code
     if not isinstance(code, torch.Tensor) or code.dim() != 1 or not 2 <= code.numel() <= 16 \
@@ -141,32 +140,34 @@ def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
         raise ValueError(f"{where}: a 4-bit code is a 1-D floating-point tensor of 2 to 16 "
                          f"entries, got {_got(code)}")
     n_blocks = ceil_div(n, state.blocksize)
-    _fits(state.absmax, n_blocks, uint8 if nested else real, f"{n_blocks} "
+    _fits(state.absmax, n_blocks, uint8 if nested else None, where, lambda: f"{n_blocks} "
           f"{'uint8 q' if nested else 'float '}absmax values for {n} weights at blocksize "
-          f"{state.blocksize}", where)
+          f"{state.blocksize}")
     if nested:
         inner = state.state2
         if not isinstance(inner, QuantState):
             raise TypeError(f"{where}: state.state2 must be a QuantState, got {_got(inner)}")
         check_blocksize(inner.blocksize, where, "state2.blocksize")
         n_absmax2 = ceil_div(n_blocks, inner.blocksize)
-        _fits(state.offset, 1, real, "one float offset (the absmaxes' mean)", where)
-        _fits(inner.absmax, n_absmax2, real, f"{n_absmax2} float absmax2 values for {n_blocks} "
-              f"absmaxes at state2.blocksize {inner.blocksize}", where)
-        _fits(inner.code, 256, real, "a 256-value float state2.code (the dynamic code; "
-              "qabsmax indexes it)", where)
+        _fits(state.offset, 1, None, where, lambda: "one float offset (the absmaxes' mean)")
+        _fits(inner.absmax, n_absmax2, None, where, lambda: f"{n_absmax2} float absmax2 values "
+              f"for {n_blocks} absmaxes at state2.blocksize {inner.blocksize}")
+        _fits(inner.code, 256, None, where, lambda: "a 256-value float state2.code (the "
+              "dynamic code; qabsmax indexes it)")
 
 
 def _got(t) -> str:
     return f"{t.numel()} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _fits(t, numel: int, dtype_ok, expected: str, where: str, any_shape: bool = False) -> None:
-    """t holds numel values of an accepted dtype, in one dimension (or none) unless any_shape."""
-    if not (isinstance(t, torch.Tensor) and dtype_ok(t.dtype) and t.numel() == numel
-            and (any_shape or t.dim() <= 1)):
-        got = f"{_got(t)}{f' in shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else ''}"
-        raise ValueError(f"{where}: expected {expected}, got {got}")
+def _fits(t, numel: int, dtype, where: str, expected, any_shape: bool = False) -> None:
+    """t holds numel values of `dtype` (None: any floating-point dtype), in one dimension (or
+    none) unless any_shape; else a ValueError saying expected()."""
+    if isinstance(t, torch.Tensor) and t.numel() == numel and (any_shape or t.dim() <= 1) and \
+            (t.dtype == dtype if dtype is not None else t.dtype.is_floating_point):
+        return
+    got = f"{_got(t)}{f' in shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else ''}"
+    raise ValueError(f"{where}: expected {expected()}, got {got}")
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
