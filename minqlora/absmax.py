@@ -32,7 +32,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
     check_float(x, "absmax_quantize")
     check_bits(bits, "absmax_quantize")
     levels = 2 ** (bits - 1) - 1
-    xf = x.float()
+    xf = x.detach().float()                                  # no autograd history
     absmax = xf.abs().max() if xf.numel() else torch.zeros((), dtype=torch.float32)
     # x / absmax lies in [-1, 1] even for tiny absmax; an all-zero tensor (absmax 0) gives zeros
     unit = torch.where(absmax > 0, xf / absmax, torch.zeros_like(xf))

@@ -37,6 +37,8 @@ def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor)
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
     absmax = state.absmax_fp32().to(packed.device)                    # (n_blocks,) float32
     blocksize, n_blocks, n = state.blocksize, absmax.numel(), out.numel()
+    if n_blocks == 1:                     # one block: padded to n, not to a (huge) blocksize
+        blocksize = n + n % 2
     data = packed.reshape(-1)
     if data.numel() * 2 < n_blocks * blocksize:                       # a partial last block
         data = torch.nn.functional.pad(data, (0, n_blocks * blocksize // 2 - data.numel()))

@@ -48,13 +48,16 @@ def blocks_of(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (s, absmax): s = clamp(x * (1/absmax), -1, 1) as (n_blocks, blocksize) float32.
+    """x -> (s, absmax): s = clamp(x * (1/absmax), -1, 1) as (n_blocks, blocksize) float32
+    (a single block narrower than blocksize is not padded past an even count of values).
 
     >>> s, a = scale_blocks(torch.tensor([0.2, -0.8, 3.0, 1.5]), 2)
     >>> a.tolist(), s.tolist()
     ([0.800000011920929, 3.0], [[0.25, -1.0], [1.0, 0.5]])
     """
-    blocks = blocks_of(x.reshape(-1).float(), blocksize)               # (n_blocks, blocksize)
+    flat, n = x.detach().reshape(-1).float(), x.numel()                 # no autograd history
+    width = min(blocksize, n + n % 2) if n else blocksize   # one short block: no huge padding
+    blocks = blocks_of(flat, width)                                     # (n_blocks, width)
     absmax = blocks.abs().amax(dim=1)                                    # (n_blocks,) float32
     scaled = blocks * (1.0 / absmax.clamp(min=TINY)).unsqueeze(1)
     return scaled.clamp_(-1.0, 1.0), absmax
@@ -100,13 +103,32 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torc
     """
     check_blocksize(blocksize, "dequantize_blockwise")
     check_dtype(dtype, "dequantize_blockwise")
+    if not isinstance(code, torch.Tensor) or code.dim() != 1 or not code.is_floating_point():
+        raise TypeError("dequantize_blockwise: code must be a 1-D floating-point tensor")
+    check_indices(indices, code.numel(), "dequantize_blockwise")
     n = indices.numel()
-    if n and int(indices.max()) >= code.numel():
-        raise ValueError(f"dequantize_blockwise: index {int(indices.max())} is outside the "
-                         f"{code.numel()}-entry code")
-    if absmax.numel() != ceil_div(n, blocksize):
+    if not isinstance(absmax, torch.Tensor) or absmax.numel() != ceil_div(n, blocksize):
+        got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
         raise ValueError(f"dequantize_blockwise: expected {ceil_div(n, blocksize)} absmax values "
-                         f"for {n} values at blocksize {blocksize}, got {absmax.numel()}")
+                         f"for {n} values at blocksize {blocksize}, got {got}")
     values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]   # (n,) float32
+    blocksize = min(blocksize, n or blocksize)   # one short block: no padding to a huge blocksize
     values = blocks_of(values, blocksize) * absmax.float().reshape(-1, 1)  # (n_blocks, blocksize)
     return values.reshape(-1)[:n].to(dtype or torch.float32).reshape(indices.shape)
+
+
+def check_indices(indices, n_codes: int, where: str) -> None:
+    """An integer tensor of indices into an n_codes-entry code, or a TypeError / ValueError
+    (never index -1 read as the last code, never a float index truncated). The range check
+    reads the values (a device sync on a GPU) unless the dtype cannot leave the code: uint8
+    indices into a code of 256 or more entries, as double quantization stores them."""
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() \
+            or indices.is_complex() or indices.dtype == torch.bool:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"{where}: indices must be an integer tensor, got {got}")
+    if not indices.numel() or (indices.dtype == torch.uint8 and n_codes >= 256):
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= n_codes:
+        raise ValueError(f"{where}: index {low if low < 0 else high} is outside the "
+                         f"{n_codes}-entry code (valid: 0..{n_codes - 1})")

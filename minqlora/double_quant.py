@@ -25,7 +25,7 @@ the bytes and constants travel together is quant_state.py's business.
 """
 import torch
 
-from ._checks import check_float
+from ._checks import check_blocksize, check_float
 from .blockwise import ceil_div, dequantize_blockwise, quantize_blockwise
 
 BLOCKSIZE2 = 256  # absmaxes per absmax2: the second level's blocksize
@@ -57,8 +57,11 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = BLOCKSIZE2):
     ([0, 127, 255], [1.0], 2.0)
     """
     check_float(absmax, "double_quantize")
-    offset = absmax.float().mean() if absmax.numel() else torch.zeros(())
-    qabsmax, absmax2 = quantize_blockwise(absmax.float() - offset, DYNAMIC, blocksize)
+    absmax = absmax.detach().float()
+    offset = absmax.mean() if absmax.numel() else torch.zeros(())
+    if not torch.isfinite(offset):    # absmaxes near float32's max: their float32 sum overflows
+        offset = absmax.double().mean().float()
+    qabsmax, absmax2 = quantize_blockwise(absmax - offset, DYNAMIC, blocksize)
     return qabsmax, absmax2, offset
 
 
@@ -81,5 +84,9 @@ def constants_nbytes(n: int, blocksize: int = 64, double_quant: bool = True,
     >>> constants_nbytes(4096 * 4096, double_quant=False), constants_nbytes(4096 * 4096)
     (1048576, 266244)
     """
+    check_blocksize(blocksize, "constants_nbytes")
+    check_blocksize(blocksize2, "constants_nbytes", "blocksize2")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"constants_nbytes: n must be an int >= 0, got {n!r}")
     blocks = ceil_div(n, blocksize)
     return blocks + 4 * ceil_div(blocks, blocksize2) + 4 if double_quant else 4 * blocks

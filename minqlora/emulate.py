@@ -11,29 +11,39 @@ this module compiles the three files (with -O3, so it is also minqlora's fastest
 calls them through ctypes. Worked example: 999,000 weights are a grid of 122 blocks x 256
 threads; on 2 CPU threads, blocks 0..60 run on one and 61..121 on the other.
 
-The build is cached in ~/.cache/minqlora (or $MINQLORA_CACHE), keyed by the sources' hash, so
-an edited kernel is rebuilt. No C++ compiler: EmulationUnavailable, never a quiet fallback to
-the torch path. What a launch needs (grid, argument list, checks) lives in launch.py.
+The build is cached in ~/.cache/minqlora (or $MINQLORA_CACHE), keyed by the sources' hash and
+the compiler command, so an edited kernel is rebuilt. The folder must belong to you and be
+writable by nobody else; each library's sha256 is recorded beside it when it is built and
+checked before it is loaded (a truncated or altered file is rebuilt, never loaded). No C++
+compiler: EmulationUnavailable, never a quiet fallback to the torch path. What a launch needs
+(grid, argument list, checks) lives in launch.py.
 """
+import contextlib
 import ctypes
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ._checks import private_dir
 from .launch import grid, kernel_args, kernel_source
 
-# -ffp-contract=off: no fused multiply-add (bit-identity); initial-exec: each access to the
-# shim's thread_local threadIdx / __shared__ is one %fs-relative load instead of a call to
-# __tls_get_addr, at the price of ~430 bytes of the static TLS space the loader keeps for
-# dlopen'ed libraries.
+# -ffp-contract=off: no fused multiply-add (bit-identity). The shim's threadIdx / __shared__ are
+# thread_local in a dlopen'ed library. The initial-exec TLS model would make each access one
+# load but takes the loader's small static TLS reserve: the 4th edited kernel failed to load.
+# TLS descriptors (gnu2 on x86-64; the default on arm64) cost one short call per access and never
+# run out. -z defs: a library with missing symbols (CXX=gcc, no C++ runtime) fails to link.
 CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
-            "-pthread", "-ftls-model=initial-exec"]
-_BUILT = {}                                     # (source, shim, emulate.cpp texts) -> library
+            "-pthread"] + (["-Wl,-z,defs"] if sys.platform.startswith("linux") else [])
+TLS_DESC = ["-mtls-dialect=gnu2"] if platform.machine().lower() in ("x86_64", "amd64") else []
+_BUILT = {}                                 # (source texts, $CXX) -> library
 
 
 class EmulationUnavailable(RuntimeError):
@@ -48,50 +58,86 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     files = {"dequant_nf4.cu": kernel_source() if source is None else source,
              "cuda_shim.h": kernel_source("cuda_shim.h"),
              "emulate.cpp": kernel_source("emulate.cpp")}
-    texts = tuple(files.values())
-    if texts in _BUILT:                         # the same texts as an earlier call: no disk work
-        return _BUILT[texts]
-    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-    cxx = next(filter(None, map(shutil.which, names)), None)
-    if cxx is None:
-        raise EmulationUnavailable("dequantize_4bit(backend='emulate'): no C++ compiler found "
-                                   "(looked for $CXX, c++, g++, clang++); install one, e.g. "
-                                   "`apt install g++`, or use backend='torch'")
-    key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, cxx)).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"dequant_emulate_{key}.so"
-    if not lib.exists():
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            for name, text in files.items():
-                Path(tmp, name).write_text(text)
-            done = subprocess.run([cxx, *CXXFLAGS, "-o", "lib.so", "emulate.cpp"], cwd=tmp,
-                                  capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"building the kernel emulation with {cxx} failed:\n"
-                                   f"{done.stderr}")
-            os.replace(Path(tmp, "lib.so"), lib)           # atomic: parallel builders are safe
-    try:
-        _BUILT[texts] = ctypes.CDLL(str(lib))
-    except OSError as e:        # e.g. "cannot allocate memory in static TLS block"
-        raise RuntimeError(f"loading the kernel emulation {lib} failed: {e}. If it is about "
-                           "static TLS, set GLIBC_TUNABLES=glibc.rtld.optional_static_tls=4096 "
-                           "before starting Python") from None
+    texts = (tuple(files.values()), os.environ.get("CXX"))
+    if texts not in _BUILT:                 # the same texts as an earlier call: no disk work
+        cxx = compiler()
+        key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, TLS_DESC, cxx)).encode())
+        lib = cache_dir() / f"dequant_emulate_{key.hexdigest()[:16]}.so"
+        _BUILT[texts] = _load(lib) if _verified(lib) else _build(cxx, files, lib)
     return _BUILT[texts]
 
 
-def _cache_dir() -> Path:
-    """$MINQLORA_CACHE, else ~/.cache/minqlora, else (home not writable) a temp dir."""
-    for path in (os.environ.get("MINQLORA_CACHE"), Path.home() / ".cache" / "minqlora",
-                 Path(tempfile.gettempdir()) / "minqlora"):
-        if not path:                                        # $MINQLORA_CACHE not set
-            continue
-        try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
-            return Path(path)
-    raise RuntimeError("dequantize_4bit(backend='emulate'): no writable cache directory "
-                       "(tried $MINQLORA_CACHE, ~/.cache/minqlora and the temp dir)")
+def compiler() -> list:
+    """The C++ compiler command: $CXX (a program and its flags, split as a shell would; the flags
+    come after minqlora's, so they win) or the first of c++, g++, clang++ on the PATH."""
+    try:
+        words = shlex.split(os.environ.get("CXX", ""))
+    except ValueError as e:                 # an unclosed quote
+        raise EmulationUnavailable(f"$CXX={os.environ['CXX']!r} cannot be split: {e}") from None
+    if words:
+        found = shutil.which(words[0])
+        if found is None:
+            raise EmulationUnavailable(f"$CXX is {os.environ['CXX']!r}, but {words[0]!r} is not "
+                                       "a program on the PATH; set CXX to a C++ compiler (g++ "
+                                       "or clang++, flags may follow) or unset it")
+        return [found, *words[1:]]
+    found = next(filter(None, map(shutil.which, ["c++", "g++", "clang++"])), None)
+    if found is None:
+        raise EmulationUnavailable("dequantize_4bit(backend='emulate'): no C++ compiler found "
+                                   "(looked for $CXX, c++, g++, clang++); install one, e.g. "
+                                   "`apt install g++`, or use backend='torch'")
+    return [found]
+
+
+def _build(cxx: list, files: dict, lib: Path) -> ctypes.CDLL:
+    """Compile in a temporary folder inside the cache, then move the library and its sha256 into
+    place (atomic renames: parallel builders are safe) and load it."""
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        for name, text in files.items():
+            Path(tmp, name).write_text(text)
+        for tls in (TLS_DESC, []) if TLS_DESC else ([],):   # an older clang lacks gnu2: retry
+            command = [cxx[0], *CXXFLAGS, *tls, *cxx[1:], "-o", "lib.so", "emulate.cpp"]
+            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+            if not done.returncode or "tls-dialect" not in done.stderr:
+                break
+        if done.returncode:
+            cpp = ("; it links no C++ runtime: set CXX to a C++ compiler (g++, clang++)"
+                   if "undefined reference" in done.stderr else "")
+            raise RuntimeError(f"building the kernel emulation with {shlex.join(cxx)} failed"
+                               f"{cpp}:\n{done.stderr}")
+        Path(tmp, "sha256").write_text(hashlib.sha256(Path(tmp, "lib.so").read_bytes()).hexdigest())
+        os.replace(Path(tmp, "lib.so"), lib)
+        os.replace(Path(tmp, "sha256"), f"{lib}.sha256")
+    return _load(lib)
+
+
+def _verified(lib: Path) -> bool:
+    """Whether lib's bytes have the sha256 recorded beside it when it was built."""
+    try:
+        return Path(f"{lib}.sha256").read_text() == hashlib.sha256(lib.read_bytes()).hexdigest()
+    except OSError:                         # never built, or a half-written entry
+        return False
+
+
+def _load(lib: Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise RuntimeError(f"loading the kernel emulation {lib} failed: {e}") from None
+
+
+def cache_dir() -> Path:
+    """$MINQLORA_CACHE, else ~/.cache/minqlora, else (no writable home) <tempdir>/minqlora-<uid>;
+    created with mode 0700 and refused unless it is yours and nobody else can write to it."""
+    how = "choose another folder with MINQLORA_CACHE=/a/private/folder"
+    if os.environ.get("MINQLORA_CACHE"):
+        return private_dir(Path(os.environ["MINQLORA_CACHE"]), "the emulation's build cache", how)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minqlora"
+    with contextlib.suppress(OSError):
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (home.is_dir() and os.access(home, os.W_OK | os.X_OK)):
+        home = Path(tempfile.gettempdir(), f"minqlora-{getattr(os, 'getuid', lambda: 0)()}")
+    return private_dir(home, "the emulation's build cache", how)
 
 
 def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:

@@ -71,15 +71,13 @@ def grid(n: int, source: str) -> tuple[int, int]:
 
 def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
     """Raise ValueError unless packed, state and out have the sizes and places the kernel reads:
-    quant_state.check_state's rules, a 256-value dynamic code when nested, every tensor on
-    packed's device, and `out` a contiguous, 16-byte aligned (n,) float32/bf16/fp16 tensor."""
+    quant_state.check_state's rules (a 256-value dynamic code when nested among them), every
+    tensor on packed's device, and `out` a contiguous, 16-byte aligned (n,) float32 / bf16 /
+    fp16 tensor."""
     check_state(packed, state, "dequantize_4bit")
     n = state.shape.numel()
-    tensors = [state.absmax, state.code]
-    if state.nested:
-        if state.state2.code.numel() != 256:       # the kernel reads code2[qabsmax], 0..255
-            raise ValueError(f"dequantize_4bit: a nested state's state2.code must have 256 "
-                             f"values, got {state.state2.code.numel()}")
+    tensors = [state.absmax, state.code]     # check_state: state2.code has 256 values, so
+    if state.nested:                          # the kernel's code2[qabsmax] stays inside it
         tensors += [state.offset, state.state2.absmax, state.state2.code]
     if any(t.device != packed.device for t in tensors):
         raise ValueError(f"dequantize_4bit: the state must be on {packed.device} like packed "

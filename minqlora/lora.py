@@ -83,8 +83,9 @@ class LoRALinear(nn.Module):
                             f"got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be an integer >= 1, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"LoRALinear: alpha must be a number > 0, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
+                or not math.isfinite(alpha):            # inf: inf * 0 = NaN in every output
+            raise ValueError(f"LoRALinear: alpha must be a finite number > 0, got {alpha!r}")
         if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                 or not 0 <= dropout < 1):
             raise ValueError(f"LoRALinear: dropout must be a probability in [0, 1), "

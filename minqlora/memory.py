@@ -34,6 +34,7 @@ the bytes actually held by the toy model of toy.py and by qlora.py's layers.
 """
 from dataclasses import dataclass, fields
 
+from ._checks import check_blocksize
 from .double_quant import constants_nbytes
 
 METHODS = ("full16", "lora16", "qlora")
@@ -131,8 +132,18 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     c = _config(config)
     if method not in METHODS:
         raise ValueError(f"estimate: method must be one of {METHODS}, got {method!r}")
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"estimate: r must be an integer >= 1, got {r!r}")
+    target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [t for t in target_modules if t not in LINEARS]
+    if unknown or (method != "full16" and not target_modules):
+        raise ValueError(f"estimate: target_modules must name some of {list(LINEARS)} (the "
+                         f"linears of a LLaMA block), got {target_modules!r}")
+    check_blocksize(blocksize, "estimate")
+    counts = dict(r=r, weight_bits=weight_bits, adapter_bits=adapter_bits, grad_bits=grad_bits,
+                  activation_bits=activation_bits, batch_size=batch_size,
+                  optimizer_bytes=optimizer_bytes, seq_len=seq_len)
+    for name, value in counts.items():      # sizes count from 0, the rest from 1
+        _check_count(value, f"estimate: {name}", 0 if name in ("batch_size", "seq_len",
+                                                              "optimizer_bytes") else 1)
     h, m, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     shapes = [s for s in linear_shapes(c) if s[0] in target_modules]
     n_all = count_params(c)
@@ -164,7 +175,14 @@ def _config(config) -> dict:
     if missing:
         raise ValueError(f"memory: config is missing {missing}; expected the Hugging Face LLaMA "
                          f"keys {list(KEYS)}")
+    for k in KEYS:
+        _check_count(config[k], f"memory: config[{k!r}]", 1)
     return config
+
+
+def _check_count(value, what: str, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"{what} must be an integer >= {lowest}, got {value!r}")
 
 
 def table(models=tuple(PRESETS), methods=METHODS, **assumptions) -> list[tuple[str, str, float]]:

@@ -38,6 +38,10 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     """
     from scipy.stats import norm  # the only scipy call in the library
 
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1:
+        raise ValueError(f"nf4_code: offset must be a probability strictly between 0.5 and 1 "
+                         f"(norm.ppf(1) is infinite, and 0.5 puts every quantile at 0), got "
+                         f"{offset!r}")
     p_pos = torch.linspace(offset, 0.5, 9)[:-1]       # 8 probabilities (float32, as bitsandbytes)
     p_neg = torch.linspace(offset, 0.5, 8)[:-1]       # 7 probabilities
     positives = norm.ppf(p_pos.numpy().astype("float64")).tolist()

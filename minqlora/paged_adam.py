@@ -13,11 +13,24 @@ theta = 1 - 0.1 / 0.1 * 0.05 / (0.0158 / 0.0316 + 1e-8) = 0.9 (the first step mo
 weight by lr, whatever the gradient's size). Every line is elementwise, so the step runs one
 page at a time (a page of m and one of v, with the same elements of theta and g): a budget
 smaller than one parameter's state still trains, bit-identical to torch.optim.AdamW(foreach=
-False). Budgets, eviction, counters and the CPU simulation of the device are pager.py's job.
+False) for float32 and float64 parameters. Budgets, eviction, counters and the CPU simulation
+of the device are pager.py's job.
+
+Low-precision (float16, bfloat16) parameters keep float32 state by default, as bitsandbytes'
+32-bit paged AdamW does: the update runs in float32 and is rounded once into the parameter. In
+float16, v = (1 - beta2) * g^2 underflows to 0 for gradients below about 1e-2, and the first
+step divides by eps, itself 0 in float16: inf. fp32_state=False keeps torch's policy (state in
+the parameter's dtype) and is bit-identical to torch's AdamW for those parameters too.
 """
+import contextlib
+from collections import defaultdict
+
 import torch
 
+from ._checks import check_adamw_options, check_adamw_state
 from .pager import OutOfBudget, Pager
+
+KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
@@ -31,14 +44,25 @@ def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def _update(param, grad, exp_avg, exp_avg_sq, *scalars) -> None:
+    """_adamw_update; a 16-bit parameter with float32 state is updated in float32, rounded once."""
+    if exp_avg.dtype == param.dtype:
+        return _adamw_update(param, grad, exp_avg, exp_avg_sq, *scalars)
+    work = param.to(exp_avg.dtype)
+    _adamw_update(work, grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, *scalars)
+    param.copy_(work)
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with its state in pages of `pager` (None: a Pager without a budget on the
     parameters' device); is_paged=False keeps plain state tensors, with the same numerics.
 
     state_dict() has torch AdamW's layout, so it loads into torch.optim.AdamW and back. Float
-    hyperparameters only; no amsgrad, maximize, fused or capturable. On a CPU-only machine the
-    pager's device is simulated with host memory (see pager.py); on CUDA the step prefetches the
-    next page pair on a side stream.
+    hyperparameters only; maximize as torch has it; amsgrad, fused, capturable and
+    differentiable are refused (ValueError), at construction and when a checkpoint has them.
+    fp32_state: float32 state for float16 / bfloat16 parameters (see the module docstring).
+    On a CPU-only machine the pager's device is simulated with host memory (see pager.py); on
+    CUDA the step prefetches the next page pair on a side stream.
 
     >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     >>> opt = PagedAdamW([w], lr=0.1, weight_decay=0.0)
@@ -48,7 +72,7 @@ class PagedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 pager=None, is_paged=True):
+                 amsgrad=False, *, maximize=False, pager=None, is_paged=True, fp32_state=True):
         for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
                                 ("weight_decay", weight_decay, weight_decay >= 0),
                                 ("betas[0]", betas[0], 0 <= betas[0] < 1),
@@ -56,11 +80,19 @@ class PagedAdamW(torch.optim.Optimizer):
             if not ok:
                 bound = " and < 1" if name.startswith("betas") else ""
                 raise ValueError(f"PagedAdamW: {name} must be >= 0{bound}, got {value!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+        self.fp32_state = fp32_state
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize))
         if pager is None and is_paged:
             pager = Pager(None, device=self.param_groups[0]["params"][0].device)
         self.pager, self.is_paged = pager, is_paged
+
+    def add_param_group(self, param_group: dict) -> None:
+        check_adamw_options({**self.defaults, **param_group}, "add_param_group")
+        super().add_param_group(param_group)
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float32 if self.fp32_state and p.element_size() < 4 else p.dtype
 
     def _init_state(self, p: torch.Tensor) -> dict:
         if p.is_complex() or not p.is_floating_point():
@@ -69,16 +101,11 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"PagedAdamW: a parameter is on {p.device} but the pager's device "
                              f"is {self.pager.device}; build Pager(..., device={str(p.device)!r})")
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        state = {"step": torch.tensor(0.0, dtype=scalar)}   # on CPU, as torch's AdamW keeps it
-        if not self.is_paged:
-            return state | {k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq")}
-        state["exp_avg"] = self.pager.alloc(p.numel(), p.dtype)   # page ids
-        try:
-            state["exp_avg_sq"] = self.pager.alloc(p.numel(), p.dtype)
-        except OutOfBudget:
-            self.pager.free(state["exp_avg"])               # all or nothing
-            raise
-        return state
+        state, dtype = {"step": torch.tensor(0.0, dtype=scalar)}, self._state_dtype(p)  # step:
+        if not self.is_paged:                                   # on CPU, as torch's AdamW keeps it
+            return state | {k: torch.zeros_like(p, dtype=dtype) for k in KEYS}
+        with self.pager.transaction():                          # both or neither
+            return state | {k: self.pager.alloc(p.numel(), dtype) for k in KEYS}   # page ids
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,29 +116,32 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        updates = []   # (param, its state, _adamw_update's scalars: lr ... bias_correction2_sqrt)
+        updates = []   # (param, grad, its state, _adamw_update's scalars: lr ... )
         for group in self.param_groups:
+            check_adamw_options(group, "step")
             (beta1, beta2), lr = group["betas"], group["lr"]
             for p in (p for p in group["params"] if p.grad is not None):
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW: sparse gradients are not supported")
                 state = self.state[p] = self.state.get(p) or self._init_state(p)
                 t = (state["step"] + 1).item()               # as torch: step_t += 1; .item()
-                updates.append((p, state, (lr, group["weight_decay"], beta1, beta2, group["eps"],
-                                           lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)))
+                grad = -p.grad if group.get("maximize") else p.grad
+                updates.append((p, grad, state, (lr, group["weight_decay"], beta1, beta2,
+                                                 group["eps"], lr / (1 - beta1 ** t),
+                                                 (1 - beta2 ** t) ** 0.5)))
         pager = self.pager
         if self.is_paged and pager.evict:   # room for a page of m and one of v, or no change
-            need = max((2 * pager.nbytes(s["exp_avg"][0]) for _, s, _ in updates if s["exp_avg"]),
+            need = max((2 * pager.nbytes(s["exp_avg"][0]) for *_, s, _ in updates if s["exp_avg"]),
                        default=0)
             if pager.reserved_bytes + need > pager.budget:
                 raise OutOfBudget(f"PagedAdamW.step: a page of exp_avg and one of exp_avg_sq "
                                   f"({need} bytes) must fit on the device together, but the "
                                   f"budget is {pager.budget} bytes with {pager.reserved_bytes} "
                                   "reserved; nothing was updated")
-        for p, state, scalars in updates:
+        for p, grad, state, scalars in updates:
             state["step"] += 1
             if not self.is_paged:
-                _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *scalars)
+                _update(p, grad, state["exp_avg"], state["exp_avg_sq"], *scalars)
         if self.is_paged:
             self._paged_update(updates)
         return loss
@@ -119,15 +149,15 @@ class PagedAdamW(torch.optim.Optimizer):
     def _paged_update(self, updates) -> None:
         """_adamw_update on one page of m and one of v at a time, with the same elements of
         theta and g; meanwhile the next pair is prefetched (on CUDA: on a side stream)."""
-        pairs = iter([pair for _, s, _ in updates for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
+        pairs = iter([pair for *_, s, _ in updates for pair in zip(s["exp_avg"], s["exp_avg_sq"])])
         next(pairs, None)
-        for p, state, scalars in updates:
-            flat, grad, start = p.reshape(-1), p.grad.reshape(-1), 0   # (numel,), views if
+        for p, grad, state, scalars in updates:
+            flat, grad, start = p.reshape(-1), grad.reshape(-1), 0     # (numel,), views if
             for pages in zip(state["exp_avg"], state["exp_avg_sq"]):   # p is contiguous
                 with self.pager.use(pages) as (m, v):                  # m, v: (n,) on device
                     self.pager.prefetch(next(pairs, ()))
                     n = m.numel()
-                    _adamw_update(flat[start:start + n], grad[start:start + n], m, v, *scalars)
+                    _update(flat[start:start + n], grad[start:start + n], m, v, *scalars)
                 start += n
             if flat.data_ptr() != p.data_ptr():                        # flat was a copy
                 p.copy_(flat.view_as(p))
@@ -146,14 +176,35 @@ class PagedAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load torch AdamW's (or PagedAdamW's) state_dict; paged state goes into new pages."""
-        old = [s[k] for s in self.state.values() for k in ("exp_avg", "exp_avg_sq")]
-        super().load_state_dict(state_dict)   # may raise: then nothing has changed
-        for pids in old if self.is_paged else ():
-            self.pager.free(pids)
-        for state in self.state.values():
-            state["step"] = state["step"].clone()   # not shared with the saved dict
-            if self.is_paged:
-                for k in ("exp_avg", "exp_avg_sq"):
-                    state[k] = self.pager.alloc(state[k].numel(), state[k].dtype,
-                                                data=state[k].reshape(-1))
+        """Load torch AdamW's (or PagedAdamW's) state_dict, checked as torch checks it and more
+        (each state's keys and shape, the options above); paged state goes into new pages. All
+        or nothing: if anything fails, the optimizer and its pager stay exactly as they were."""
+        old, params = (self.state, self.param_groups), [p for g in self.param_groups
+                                                        for p in g["params"]]
+        try:
+            with self.pager.transaction() if self.is_paged else contextlib.nullcontext():
+                super().load_state_dict({**state_dict, "state": {}})   # the groups' checks
+                for group in self.param_groups:
+                    check_adamw_options(group, "load_state_dict")
+                ids = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]],
+                               params))
+                new = {ids[i]: self._checked(ids, i, s) for i, s in state_dict["state"].items()}
+                for s in old[0].values() if self.is_paged else ():
+                    self.pager.free([pid for k in KEYS for pid in s[k]])
+                for p, s in new.items():
+                    for k in KEYS:
+                        s[k] = (self.pager.alloc(p.numel(), s[k].dtype, data=s[k])
+                                if self.is_paged else s[k])
+                self.state = defaultdict(dict, new)
+        except BaseException:
+            self.state, self.param_groups = old
+            raise
+
+    def _checked(self, ids: dict, i, saved: dict) -> dict:
+        """A copy of parameter i's saved state in this optimizer's dtype, or a ValueError."""
+        where = f"PagedAdamW.load_state_dict: the state of parameter {i!r}"
+        if i not in ids:
+            raise ValueError(f"{where}: no such parameter in the state_dict's param_groups")
+        p, step = ids[i], check_adamw_state(saved, ids[i].shape, where)
+        return {"step": step, **{k: saved[k].to(p.device, self._state_dtype(p), copy=True)
+                                 .contiguous() for k in KEYS}}

@@ -23,7 +23,6 @@ host pages pinned CPU tensors, and `prefetch` copies on a side stream that `use`
 What the pages hold is paged_adam.py's business.
 """
 import contextlib
-import itertools
 from collections import OrderedDict
 
 import torch
@@ -33,25 +32,33 @@ class OutOfBudget(RuntimeError):
     """A request that does not fit the device budget even after evicting all it may."""
 
 
+PAGE_BYTES = 1 << 21  # a large page of CUDA unified memory
+
+
 class Pager:
     """Pages of 1-D tensors under a device budget (None: no limit); LRU eviction to host.
 
-    page_bytes defaults to 2 MiB, a large page of CUDA unified memory. evict=False is a plain
+    page_bytes defaults to 2 MiB, or to an eighth of a smaller budget (a multiple of 64 bytes),
+    so that a small budget pages instead of refusing a whole 2 MiB page. evict=False is a plain
     GPU: what does not fit raises. timeline=True keeps (event, nbytes, resident_bytes,
-    reserved_bytes) for each alloc, free, page_in, page_out, reserve, release and mark.
+    reserved_bytes) for each alloc, free, page_in, page_out, reserve, release and mark. A call
+    that raises leaves the pager as it was.
     """
 
-    def __init__(self, device_budget_bytes, page_bytes: int = 1 << 21, device=None,
+    def __init__(self, device_budget_bytes, page_bytes: int = None, device=None,
                  evict: bool = True, timeline: bool = False):
         if device_budget_bytes is not None:
             _check_nbytes(device_budget_bytes, "Pager: device_budget_bytes", " or None")
+        if page_bytes is None:
+            page_bytes = PAGE_BYTES if device_budget_bytes is None else \
+                max(64, min(PAGE_BYTES, device_budget_bytes // 8 // 64 * 64))
         _check_nbytes(page_bytes, "Pager: page_bytes", lowest=1)
         self.budget = float("inf") if device_budget_bytes is None else device_budget_bytes
         self.page_bytes, self.evict, self.timeline = page_bytes, evict, [] if timeline else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_device = OrderedDict()  # pid -> (n,) tensor on the device, LRU first
         self.on_host = {}               # pid -> (n,) tensor in host memory (pinned on CUDA)
-        self._ids, self._in_use, self._stream = itertools.count(), (), None   # CUDA prefetch stream
+        self._next_id, self._in_use, self._stream = 0, (), None   # _stream: CUDA prefetch
         self.page_ins = self.page_outs = self.bytes_moved = 0
         self.resident_bytes = self.reserved_bytes = self.peak_bytes = 0
 
@@ -72,18 +79,49 @@ class Pager:
     def nbytes(self, pid: int) -> int:
         return self.page(pid).nbytes
 
+    def _check_pids(self, pids, what: str) -> list:
+        unknown = [pid for pid in pids if pid not in self.on_device and pid not in self.on_host]
+        if unknown:
+            raise ValueError(f"Pager.{what}: no page with id {unknown[0]!r} (freed, or never "
+                             "allocated by this pager)")
+        return list(pids)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """All of the calls inside the `with` block, or, if one raises, none of them: the pages,
+        their places, LRU order, counters and timeline are put back (what was written into a
+        page's tensor is not)."""
+        saved = (OrderedDict(self.on_device), dict(self.on_host), self.stats(), self._next_id,
+                 len(self.timeline or ()))
+        try:
+            yield self
+        except BaseException:
+            on_device, on_host, stats, self._next_id, events = saved
+            self._wait()
+            self.on_device.clear(), self.on_device.update(on_device)
+            self.on_host.clear(), self.on_host.update(on_host)
+            for name, value in stats.items():
+                setattr(self, name, value)
+            del (self.timeline or [])[events:]
+            raise
+
     def mark(self, event: str, nbytes: int = 0) -> None:
         """Update peak_bytes and log `event` (e.g. "step 3") on the timeline."""
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes + self.reserved_bytes)
         if self.timeline is not None:
             self.timeline.append((event, nbytes, self.resident_bytes, self.reserved_bytes))
 
+    def _check_room(self, nbytes: int, what: str) -> None:
+        """OutOfBudget unless nbytes more fit once every page `use` does not hold is evicted."""
+        held = self._in_use
+        evictable = self.evict * sum(self.nbytes(p) for p in self.on_device if p not in held)
+        if self.resident_bytes + self.reserved_bytes + nbytes - evictable > self.budget:
+            raise self._refusal(nbytes, what, evictable)
+
     def _make_room(self, nbytes: int, what: str) -> None:
         """Page out least recently used pages, except those `use` holds, until nbytes more fit."""
+        self._check_room(nbytes, what)                          # before any page moves
         victims = [pid for pid in self.on_device if pid not in self._in_use]   # LRU first
-        evictable = sum(self.nbytes(pid) for pid in victims) if self.evict else 0
-        if self.resident_bytes + self.reserved_bytes + nbytes - evictable > self.budget:
-            raise self._refusal(nbytes, what, evictable)          # before any page moves
         while self.resident_bytes + self.reserved_bytes + nbytes > self.budget:
             self._move(victims.pop(0), to_device=False)
 
@@ -122,20 +160,33 @@ class Pager:
         >>> Pager(None, page_bytes=8, device="cpu").alloc(5)  # 2 + 2 + 1 float32
         (0, 1, 2)
         """
+        _check_nbytes(numel, "Pager.alloc: numel")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"Pager.alloc: dtype must be a torch.dtype, got {dtype!r}")
+        if data is not None and (not isinstance(data, torch.Tensor) or data.numel() != numel):
+            got = f"{data.numel()} elements" if isinstance(data, torch.Tensor) else type(data)
+            raise ValueError(f"Pager.alloc: data must be a tensor of numel={numel} elements, "
+                             f"got {got}")
         per, pids = max(1, self.page_bytes // dtype.itemsize), []
-        for start in range(0, numel, per):
-            n = min(per, numel - start)
-            self._make_room(n * dtype.itemsize, "alloc")
-            pid = next(self._ids)
-            self.on_device[pid] = (torch.zeros(n, dtype=dtype, device=self.device) if data is None
-                                   else data[start:start + n].to(self.device, dtype, copy=True))
-            self.resident_bytes += n * dtype.itemsize
-            self.mark("alloc", n * dtype.itemsize)
-            pids.append(pid)
+        flat = None if data is None else data.reshape(-1)
+        with self.transaction():       # evict=False: a page that does not fit undoes the rest
+            for start in range(0, numel, per):
+                n = min(per, numel - start)
+                self._make_room(n * dtype.itemsize, "alloc")
+                pid, self._next_id = self._next_id, self._next_id + 1
+                self.on_device[pid] = (
+                    torch.zeros(n, dtype=dtype, device=self.device) if flat is None
+                    else flat[start:start + n].to(self.device, dtype, copy=True))
+                self.resident_bytes += n * dtype.itemsize
+                self.mark("alloc", n * dtype.itemsize)
+                pids.append(pid)
         return tuple(pids)
 
     def free(self, pids) -> None:
         """Forget these pages, wherever they are."""
+        pids = self._check_pids(pids, "free")
+        if len(set(pids)) != len(pids):
+            raise ValueError("Pager.free: a page id is listed twice")
         self._wait()
         for pid in pids:
             if pid in self.on_device:
@@ -149,8 +200,12 @@ class Pager:
     def use(self, pids):
         """Page in `pids` (evicting LRU pages not in use) and yield their device tensors;
         inside the `with` block they are the most recently used and cannot be evicted."""
+        pids = self._check_pids(pids, "use")
         self._in_use = pids
-        try:
+        try:                           # all of them fit, or OutOfBudget before anything moves
+            need = sum(self.nbytes(pid) for pid in dict.fromkeys(pids) if pid not in self.on_device)
+            if need:
+                self._check_room(need, "use")
             for pid in pids:
                 if pid not in self.on_device:
                     self._make_room(self.nbytes(pid), "use")
@@ -164,7 +219,7 @@ class Pager:
     def prefetch(self, pids) -> None:
         """Page in, in order, those of `pids` that fit in the free room; never evicts.
         On CPU the copies happen now; on CUDA on a side stream that `use` waits for."""
-        for pid in (pid for pid in pids if pid not in self.on_device):
+        for pid in (pid for pid in self._check_pids(pids, "prefetch") if pid not in self.on_device):
             if self.resident_bytes + self.reserved_bytes + self.nbytes(pid) > self.budget:
                 return
             if self.device.type == "cuda":   # the side stream starts once the host page is written
@@ -174,6 +229,7 @@ class Pager:
 
     def gather(self, pids) -> torch.Tensor:
         """One 1-D copy of the pages' contents, read wherever they are (no paging, no counters)."""
+        pids = self._check_pids(pids, "gather")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)   # pending page-outs have landed on the host
         return torch.cat([self.page(pid).to(self.device) for pid in pids])

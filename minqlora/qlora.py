@@ -14,11 +14,21 @@ Worked example: one 4096x4096 linear at r=64 becomes 8,388,608 bytes of NF4, 266
 of constants and a 64-byte codebook (4.127 bits per weight), plus 64 * (4096 + 4096) =
 524,288 trainable adapter parameters (3.1% of the weights), 2 MiB in float32.
 
+prepare_qlora converts a linear only where the swap cannot change what the model computes:
+not a subclass with its own forward, not one with forward hooks or a parametrized weight, not
+one whose parent reads its .weight instead of calling it (nn.MultiheadAttention's out_proj; the
+linears of nn.TransformerEncoderLayer, whose inference fast path does), not one whose weight is
+tied to another module's. Those it leaves as they are, frozen, lists in model.qlora_skipped
+({name: reason}) and names in one UserWarning. A module registered under two names is replaced
+under both by one LoRALinear, so it stays shared.
+
 Left to other modules: the layers themselves (lora.py, linear4bit.py) and the optimizer.
 Not done here (as PEFT's prepare_model_for_kbit_training would): gradient checkpointing and
 upcasting layer norms; this function only swaps layers and freezes.
 """
 import copy
+
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,36 +54,74 @@ def _inside(name: str, parents) -> bool:
     return any(p == "" or name.startswith(p + ".") for p in parents)
 
 
+# parents that read a child linear's .weight / .bias themselves instead of calling it
+READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
                   target_modules=None, exclude=("lm_head",), **linear4bit_kwargs) -> nn.Module:
-    """Freeze `model` and swap each targeted nn.Linear for LoRA over a 4-bit copy, in place.
+    """Freeze `model` and swap each targeted nn.Linear for LoRA over a 4-bit copy, in place,
+    where that is faithful (see the module docstring; the others: model.qlora_skipped).
 
     target_modules: None (every nn.Linear) or names matched as PEFT does (["q", "v"]).
     linear4bit_kwargs go to Linear4bit.from_linear (blocksize, quant_type, compute_dtype ...).
 
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
     >>> model = prepare_qlora(model, r=4, exclude=("2",))
-    >>> [type(m).__name__ for m in model], trainable_summary(model).trainable
-    (['LoRALinear', 'ReLU', 'Linear'], 512)
+    >>> [type(m).__name__ for m in model], trainable_summary(model).trainable, model.qlora_skipped
+    (['LoRALinear', 'ReLU', 'Linear'], 512, {})
     """
     target_modules = [target_modules] if isinstance(target_modules, str) else target_modules
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _matches(name, exclude)
-               and (target_modules is None or _matches(name, target_modules))
-               and not _inside(name, adapted)]
+    aliases = {}                                  # id(linear) -> every name it is registered as
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear) and not _inside(name, adapted):
+            aliases.setdefault(id(m), (m, []))[1].append(name)
+    targets = [(m, names) for m, names in aliases.values()
+               if not any(_matches(n, exclude) for n in names)
+               and (target_modules is None or any(_matches(n, target_modules) for n in names))]
+    skipped = {names[0]: why for m, names in targets
+               if (why := _why_not_convert(model, m, names))}
+    targets = [(m, names) for m, names in targets if names[0] not in skipped]
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for m, names in aliases.values() for n in names]
         raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
-                         f"(exclude={exclude!r}, layers already adapted are skipped); the model's "
-                         f"linears are {linears}")
-    layers = [(name, LoRALinear(Linear4bit.from_linear(linear, **linear4bit_kwargs), r, alpha,
-                                dropout)) for name, linear in targets]  # bad arguments raise here
+                         f"(exclude={exclude!r}, layers already adapted are skipped) that can be "
+                         f"converted faithfully {skipped or ''}; the model's linears are {linears}")
+    layers = [(names, LoRALinear(Linear4bit.from_linear(m, **linear4bit_kwargs), r, alpha,
+                                 dropout)) for m, names in targets]  # bad arguments raise here
     model.requires_grad_(False)
-    for name, layer in layers:
-        model = replace_module(model, name, layer)
+    for names, layer in layers:
+        for name in names:                        # one layer under all its names: still shared
+            model = replace_module(model, name, layer)
+    if skipped:
+        warnings.warn(f"prepare_qlora left {len(skipped)} targeted linear layer(s) as they were "
+                      "(frozen), because converting them would change what the model computes: "
+                      + "; ".join(f"{n}: {why}" for n, why in skipped.items())
+                      + " (also in model.qlora_skipped)", UserWarning, stacklevel=2)
+    model.qlora_skipped = skipped
     return model
+
+
+def _why_not_convert(model: nn.Module, linear: nn.Linear, names: list):
+    """Why swapping `linear` (registered under `names`) could change the model's output, or
+    None when it cannot."""
+    if type(linear).forward is not nn.Linear.forward:
+        return f"{type(linear).__name__} has its own forward"
+    if linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "parametrizations"):
+        return "it has forward hooks or a parametrized weight, which the new layer would lose"
+    for name in names:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, READS_WEIGHTS):
+            return (f"its parent {type(parent).__name__} reads its .weight directly instead of "
+                    "calling it")
+    own = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False)
+            if n not in own and any(p is q for q in (linear.weight, linear.bias))]
+    if tied:
+        return f"its weight or bias is tied to {tied}; a 4-bit copy would untie them"
+    return None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -29,9 +29,10 @@ from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantiz
 from .nf4 import get_code, pack_4bit, unpack_4bit
 
 
-@dataclass
+@dataclass(eq=False)
 class QuantState:
-    """Everything needed to decode packed 4-bit bytes, laid out like bitsandbytes' QuantState."""
+    """Everything needed to decode packed 4-bit bytes, laid out like bitsandbytes' QuantState.
+    Two states are equal when they have the same format and the same bytes (any device)."""
     absmax: torch.Tensor
     code: torch.Tensor
     blocksize: int
@@ -40,6 +41,18 @@ class QuantState:
     quant_type: str = "nf4"
     offset: Optional[torch.Tensor] = None
     state2: Optional["QuantState"] = None
+
+    def __post_init__(self):
+        if type(self.shape) in (tuple, list) and all(type(d) is int for d in self.shape):
+            self.shape = torch.Size(self.shape)            # (3, 4) -> torch.Size([3, 4])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        fields = ("blocksize", "shape", "dtype", "quant_type")
+        return (all(getattr(self, f) == getattr(other, f) for f in fields)
+                and all(_same_bytes(getattr(self, t), getattr(other, t))
+                        for t in ("absmax", "code", "offset")) and self.state2 == other.state2)
 
     @property
     def nested(self) -> bool:
@@ -78,41 +91,83 @@ class QuantState:
                        offset=move(self.offset), state2=state2)
 
 
+def _same_bytes(a, b) -> bool:
+    """Both None, or tensors of one dtype and shape holding the same bytes (-0.0 != 0.0)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return a is None and b is None
+    if a.is_meta or b.is_meta:                              # no bytes to compare
+        return a is b
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        *(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)))
+
+
 @functools.lru_cache(maxsize=None)
 def _dynamic_on(device: torch.device) -> torch.Tensor:
-    return DYNAMIC.to(device)          # one copy per device, not one per forward pass
+    return DYNAMIC.to(device, copy=True)    # one copy per device (never DYNAMIC itself)
 
 
-def absmax_state(absmax2: torch.Tensor, n_absmax: int) -> QuantState:
+def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None) -> QuantState:
     """state2 of a double-quantized state: how its n_absmax qabsmax bytes decode (DYNAMIC, one
-    absmax2 per BLOCKSIZE2 of them). The one place a state2 is built."""
-    return QuantState(absmax=absmax2, code=_dynamic_on(absmax2.device), blocksize=BLOCKSIZE2,
+    absmax2 per BLOCKSIZE2 of them). The one place a state2 is built. code=None shares one
+    copy of DYNAMIC per device (a state made for each forward pass); quantize_4bit gives each
+    state its own."""
+    code = _dynamic_on(absmax2.device) if code is None else code
+    return QuantState(absmax=absmax2, code=code, blocksize=BLOCKSIZE2,
                       shape=torch.Size([n_absmax]), dtype=torch.float32, quant_type="dynamic")
 
 
 def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
-    """A ValueError unless packed and state fit together: ceil(n/2) uint8 bytes for state.shape,
-    a power-of-two blocksize, at most 16 code values, one absmax per block (uint8 when nested)
-    and, when nested, one offset and one absmax2 per state2.blocksize absmaxes."""
-    n = state.shape.numel()
-    if packed.dtype != torch.uint8 or packed.numel() != ceil_div(n, 2):
-        raise ValueError(f"{where}: expected {ceil_div(n, 2)} uint8 bytes for shape "
-                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
+    """A TypeError / ValueError unless packed and state fit together: ceil(n/2) uint8 bytes for
+    state.shape (a torch.Size), a floating-point state.dtype, a power-of-two blocksize, a 1-D
+    float code of 2 to 16 values, one absmax per block (float; uint8 when nested) and, when
+    nested, one float offset and a state2 with a power-of-two blocksize, one float absmax2 per
+    state2.blocksize absmaxes and a 256-value float code, all 1-D (or 0-d). Shapes and dtypes
+    only: no tensor value is read (no device sync), so it is cheap enough for every call."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{where}: expected a QuantState, got {type(state).__name__}")
+    if not isinstance(state.shape, torch.Size) or any(d < 0 for d in state.shape):
+        raise TypeError(f"{where}: state.shape must be a torch.Size, got {state.shape!r}")
+    if not (isinstance(state.dtype, torch.dtype) and state.dtype.is_floating_point):
+        raise TypeError(f"{where}: state.dtype (what was quantized) must be a floating-point "
+                        f"dtype, got {state.dtype!r}")
+    n, nested, uint8 = state.shape.numel(), state.state2 is not None, torch.uint8
+    _fits(packed, ceil_div(n, 2), uint8, where, lambda: f"{ceil_div(n, 2)} uint8 bytes for "
+          f"shape {tuple(state.shape)}", any_shape=True)      # messages made only on failure
     check_blocksize(state.blocksize, where)
-    if state.code.numel() > 16:
-        raise ValueError(f"{where}: a 4-bit code has at most 16 entries, got {state.code.numel()}")
+    code = state.code
+    if not isinstance(code, torch.Tensor) or code.dim() != 1 or not 2 <= code.numel() <= 16 \
+            or not code.is_floating_point():
+        raise ValueError(f"{where}: a 4-bit code is a 1-D floating-point tensor of 2 to 16 "
+                         f"entries, got {_got(code)}")
     n_blocks = ceil_div(n, state.blocksize)
-    if state.absmax.numel() != n_blocks or (state.nested and state.absmax.dtype != torch.uint8):
-        raise ValueError(f"{where}: expected {n_blocks} {'uint8 q' if state.nested else ''}absmax "
-                         f"values for {n} weights at blocksize {state.blocksize}, "
-                         f"got {state.absmax.numel()} of {state.absmax.dtype}")
-    if state.nested:
-        inner, n_offsets = state.state2, 0 if state.offset is None else state.offset.numel()
+    _fits(state.absmax, n_blocks, uint8 if nested else None, where, lambda: f"{n_blocks} "
+          f"{'uint8 q' if nested else 'float '}absmax values for {n} weights at blocksize "
+          f"{state.blocksize}")
+    if nested:
+        inner = state.state2
+        if not isinstance(inner, QuantState):
+            raise TypeError(f"{where}: state.state2 must be a QuantState, got {_got(inner)}")
         check_blocksize(inner.blocksize, where, "state2.blocksize")
-        if n_offsets != 1 or inner.absmax.numel() != ceil_div(n_blocks, inner.blocksize):
-            raise ValueError(f"{where}: a nested state needs one offset and one absmax2 per "
-                             f"state2.blocksize absmaxes; got {n_offsets} and "
-                             f"{inner.absmax.numel()} for {n_blocks} absmaxes at {inner.blocksize}")
+        n_absmax2 = ceil_div(n_blocks, inner.blocksize)
+        _fits(state.offset, 1, None, where, lambda: "one float offset (the absmaxes' mean)")
+        _fits(inner.absmax, n_absmax2, None, where, lambda: f"{n_absmax2} float absmax2 values "
+              f"for {n_blocks} absmaxes at state2.blocksize {inner.blocksize}")
+        _fits(inner.code, 256, None, where, lambda: "a 256-value float state2.code (the "
+              "dynamic code; qabsmax indexes it)")
+
+
+def _got(t) -> str:
+    return f"{t.numel()} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _fits(t, numel: int, dtype, where: str, expected, any_shape: bool = False) -> None:
+    """t holds numel values of `dtype` (None: any floating-point dtype), in one dimension (or
+    none) unless any_shape; else a ValueError saying expected()."""
+    if isinstance(t, torch.Tensor) and t.numel() == numel and (any_shape or t.dim() <= 1) and \
+            (t.dtype == dtype if dtype is not None else t.dtype.is_floating_point):
+        return
+    got = f"{_got(t)}{f' in shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else ''}"
+    raise ValueError(f"{where}: expected {expected()}, got {got}")
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
@@ -129,8 +184,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_float(x, "quantize_4bit")
     check_blocksize(blocksize, "quantize_4bit")
-    if code is None:
-        code = get_code(quant_type).to(x.device)
+    if code is None:                                       # the state's own copy of the table
+        code = get_code(quant_type).to(x.device, copy=True)
     else:
         check_code(code, "quantize_4bit", most=16, increasing=False)
         code, quant_type = code.to(x.device, torch.float32), "custom"
@@ -143,8 +198,13 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                        dtype=x.dtype, quant_type=quant_type)
     if double_quant:
         qabsmax, absmax2, offset = double_quantize(absmax)
-        state = replace(state, absmax=qabsmax, offset=offset,
-                        state2=absmax_state(absmax2, absmax.numel()))
+        state = replace(state, absmax=qabsmax, offset=offset, state2=absmax_state(
+            absmax2, absmax.numel(), DYNAMIC.to(x.device, copy=True)))
+        if absmax.numel() and absmax2.max() + offset > 3e38 and \
+                not torch.isfinite(state.absmax_fp32()).all():    # code * absmax2 + offset
+            raise ValueError("quantize_4bit: absmaxes this close to float32's maximum "
+                             f"({absmax.max().item():.4g}) overflow when double quantized; "
+                             "use double_quant=False or scale the tensor down")
     return pack_4bit(indices), state
 
 

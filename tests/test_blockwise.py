@@ -119,3 +119,20 @@ def test_dequantize_matches_bitsandbytes_on_our_bytes(bnb_functional):
 def test_dequantize_refuses_an_index_outside_the_code():
     with pytest.raises(ValueError, match="index 20 is outside the 15-entry code"):
         dequantize_blockwise(torch.tensor([20], dtype=torch.uint8), torch.ones(1), INT4, blocksize=2)
+
+
+def test_indices_must_be_integers_inside_the_code():
+    """Issue 10, item 13: index -1 read the last code and float indices were truncated."""
+    absmax = torch.tensor([2.0])
+    with pytest.raises(ValueError, match=r"index -1 is outside the 3-entry code \(valid: 0..2\)"):
+        dequantize_blockwise(torch.tensor([0, -1]), absmax, TERNARY, 2)
+    with pytest.raises(TypeError, match="indices must be an integer tensor, got torch.float32"):
+        dequantize_blockwise(torch.tensor([0.0, 1.7]), absmax, TERNARY, 2)
+    with pytest.raises(TypeError, match="indices must be an integer tensor, got list"):
+        dequantize_blockwise([0, 1], absmax, TERNARY, 2)
+    with pytest.raises(TypeError, match="code must be a 1-D floating-point tensor"):
+        dequantize_blockwise(torch.tensor([0, 1]), absmax, [-1.0, 0.0, 1.0], 2)
+    with pytest.raises(ValueError, match="expected 1 absmax values .* got float"):
+        dequantize_blockwise(torch.tensor([0, 1]), 2.0, TERNARY, 2)
+    q = torch.tensor([0, 2], dtype=torch.int64)                        # any integer dtype works
+    assert dequantize_blockwise(q, absmax, TERNARY, 2).tolist() == [-2.0, 2.0]

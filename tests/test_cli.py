@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minqlora.nf4 import CODES
 from minqlora.tour import memory_table, quantization_table
@@ -63,3 +64,65 @@ def test_cli_help_lists_the_subcommands_and_options(capsys):
     assert exit_.value.code == 0
     for word in ("tour", "bench", "--seed", "--quick", "--device", "--plot", "--only"):
         assert word in out
+# ---- issue 10, item 17: every argument checked before any work ----
+
+BAD = [(["bench", "--only", "nope"], "argument --only: invalid choice: 'nope' (choose from "
+                                     "'quant', 'kernel', 'lora', 'paged')"),
+       (["bench", "--only", "os.path"], "invalid choice: 'os.path' (choose from 'quant'"),
+       (["bench", "--only"], "argument --only: expected at least one argument"),
+       (["--device", "foo"], "argument --device: expected cpu"),
+       (["--device", "mps"], "argument --device: expected cpu"),
+       (["--device", "cpu:1"], "argument --device: expected cpu"),
+       (["--plot", "/nonexistent/x.png"], "the folder '/nonexistent' does not exist"),
+       (["--plot", "curves.txt"], "the file name must end in one of .*\\.png"),
+       (["--seed", "1e23"], "argument --seed: expected an integer from 0 to 4294967295, got "
+                            "'1e23'"),
+       (["--seed", "100000000000000000000000"], "expected an integer from 0 to 4294967295"),
+       (["--seed", "-1"], "expected an integer from 0 to 4294967295"),
+       (["bench", "--seed", "3", "--plot", "x.png"], "--seed, --plot: for the tour only"),
+       (["tour", "--only", "quant"], "--only: for bench only"),
+       (["bogus"], "invalid choice: 'bogus' (choose from 'tour', 'bench')")]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=lambda v: " ".join(v) if isinstance(v, list)
+                         else "")
+def test_a_bad_argument_stops_before_any_work(argv, message, monkeypatch, capsys):
+    """`--only nope` printed 'not built yet' and exited 0, `--only os.path` and `--seed 1e23`
+    raised tracebacks, `--device cpu:1` failed after pretraining and `--plot /nonexistent/x.png`
+    after the whole fine-tuning run. Now: exit status 2, one line naming what was expected,
+    and neither the tour nor the bench is ever called."""
+    import re
+
+    from minqlora import __main__ as cli
+    from minqlora import bench, tour
+    called = []
+    monkeypatch.setattr(tour, "tour", lambda *a, **k: called.append("tour"))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: called.append("bench"))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and called == []
+    assert err.count("\n") == 1 and err.startswith("python -m minqlora: error: ")
+    assert re.search(message if ".*" in message else re.escape(message), err), err
+
+
+def test_good_arguments_reach_the_commands(monkeypatch, tmp_path):
+    from minqlora import __main__ as cli
+    from minqlora import bench, tour
+    calls, real_run_bench = [], bench.run_bench
+    monkeypatch.setattr(tour, "tour", lambda *a: calls.append(("tour", a)))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: calls.append(("bench", a, k)))
+    cli.main(["--seed", "7", "--quick", "--device", "cpu", "--plot", str(tmp_path / "c.png")])
+    cli.main(["bench", "--only", "quant", "paged"])
+    cli.main([])
+    assert calls == [("tour", (7, True, "cpu", str(tmp_path / "c.png"))),
+                     ("bench", (["quant", "paged"],), {"quick": False}),
+                     ("tour", (0, False, "cuda" if torch.cuda.is_available() else "cpu", None))]
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['nope'\]; choose from"):
+        real_run_bench(["nope"])
+
+
+def test_the_exit_status_of_a_bad_argument_is_2():
+    done = subprocess.run([sys.executable, "-m", "minqlora", "bench", "--only", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1

@@ -59,3 +59,14 @@ def test_constants_nbytes_counts_what_quantize_stores():
 def test_double_quantize_refuses_non_finite_absmax():
     with pytest.raises(ValueError, match=r"double_quantize: input has 1 non-finite"):
         double_quantize(torch.tensor([1.0, float("inf")]))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(blocksize=-64), "blocksize must be"),
+                                           (dict(blocksize=0), "blocksize must be"),
+                                           (dict(blocksize2=0), "blocksize2 must be"),
+                                           (dict(n=-5), "n must be an int >= 0")])
+def test_constants_nbytes_refuses_bad_sizes(kwargs, match):
+    """Issue 10, item 13: a negative blocksize gave negative bytes, blocksize 0 a
+    ZeroDivisionError."""
+    with pytest.raises(ValueError, match=match):
+        constants_nbytes(**{"n": 4096, **kwargs})

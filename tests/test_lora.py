@@ -137,7 +137,9 @@ def test_adapters_in_float32_over_a_bf16_base_return_bf16():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(r=0), "r must be an integer >= 1, got 0"),
     (dict(r=2.5), "r must be an integer >= 1, got 2.5"),
-    (dict(alpha=0), "alpha must be a number > 0, got 0"),
+    (dict(alpha=0), "alpha must be a finite number > 0, got 0"),
+    (dict(alpha=float("inf")), "alpha must be a finite number > 0, got inf"),   # issue 10, 13
+    (dict(alpha=float("nan")), "alpha must be a finite number > 0, got nan"),
     (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
 ])
 def test_bad_arguments_say_what_was_expected(kwargs, message):

@@ -123,7 +123,25 @@ def test_activations_scale_with_tokens():
     (dict(config={"hidden_size": 8}, method="qlora"), "config is missing"),
     (dict(config="llama-7b", method="qlora8"), "method must be one of"),
     (dict(config="llama-7b", method="qlora", r=0), "r must be an integer >= 1, got 0"),
+    # issue 10, item 13: these counted nothing, or negative bytes, or divided by zero
+    (dict(config="llama-7b", method="qlora", target_modules=["query"]),
+     r"target_modules must name some of \['q_proj'.*got \['query'\]"),
+    (dict(config="llama-7b", method="lora16", target_modules=[]), "target_modules must name"),
+    (dict(config="llama-7b", method="qlora", blocksize=-64), "blocksize must be a power of two"),
+    (dict(config="llama-7b", method="qlora", blocksize=0), "blocksize must be a power of two"),
+    (dict(config="llama-7b", method="qlora", seq_len=-512), "seq_len must be an integer >= 0"),
+    (dict(config="llama-7b", method="qlora", batch_size=1.5), "batch_size must be an integer"),
+    (dict(config="llama-7b", method="qlora", weight_bits=0), "weight_bits must be an integer >= 1"),
+    (dict(config={**memory.PRESETS["llama-7b"], "hidden_size": -4096}, method="qlora"),
+     r"config\['hidden_size'\] must be an integer >= 1, got -4096"),
 ])
 def test_bad_arguments_say_what_was_expected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory.estimate(**kwargs)
+
+
+def test_target_modules_as_one_name():
+    """A string is one module name (not its letters), as prepare_qlora reads it."""
+    one = memory.estimate("llama-7b", "qlora", target_modules="q_proj")
+    assert one == memory.estimate("llama-7b", "qlora", target_modules=["q_proj"])
+    assert one.adapters == 32 * 64 * (4096 + 4096) * 2

@@ -89,3 +89,13 @@ def test_pack_and_unpack_refuse_bad_input():
         unpack_4bit(torch.tensor([1, 2]), 2)
     with pytest.raises(ValueError, match="at most 4"):
         unpack_4bit(torch.zeros(2, dtype=torch.uint8), 5)
+
+
+@pytest.mark.parametrize("offset", [1.0, 0.5, 0.3, 1.2, float("nan"), "0.9", True])
+def test_nf4_code_refuses_offsets_that_make_nan(offset):
+    """Issue 10, item 13: nf4_code(1.0) and nf4_code(0.5) returned tables of NaN (norm.ppf(1) is
+    infinite; at 0.5 every quantile is 0 and the table is 0 / 0)."""
+    with pytest.raises(ValueError, match="offset must be a probability strictly between 0.5 "
+                                         "and 1"):
+        nf4_code(offset)
+    assert torch.isfinite(nf4_code(0.99)).all() and torch.isfinite(nf4_code(0.51)).all()

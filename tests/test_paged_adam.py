@@ -87,9 +87,13 @@ def test_bit_identical_with_lr_scheduler_and_param_groups():
     assert opt.pager.page_outs > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_bit_identical_in_other_dtypes(dtype):
-    ref, ref_opt, model, opt = twins(Pager(256, page_bytes=64, device="cpu"), dtype)
+@pytest.mark.parametrize("dtype, kwargs", [(torch.bfloat16, dict(fp32_state=False)),
+                                           (torch.float16, dict(fp32_state=False)),
+                                           (torch.float64, {})])
+def test_bit_identical_in_other_dtypes(dtype, kwargs):
+    """float64: always; 16-bit parameters with fp32_state=False (state in their own dtype, as
+    torch keeps it)."""
+    ref, ref_opt, model, opt = twins(Pager(256, page_bytes=64, device="cpu"), dtype, **kwargs)
     train_both([(ref, ref_opt), (model, opt)], range(20), dtype)
 
 
@@ -277,3 +281,199 @@ def test_cuda_paging_to_pinned_host_memory_is_bit_identical():
         assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert pager.page_outs > 0 and pager.page_ins > 0
     assert all(page.is_cuda for page in pager.on_device.values())
+
+
+def everything(opt):
+    """What a failed load must leave as it was: the state_dict, pages and counters."""
+    sd = opt.state_dict()
+    pager = opt.pager
+    return (sd, pager.stats(), list(pager.on_device), sorted(pager.on_host),
+            [(k, dict(g, params=None)) for k, g in enumerate(opt.param_groups)])
+
+
+def assert_same(a, b):
+    (sd_a, *rest_a), (sd_b, *rest_b) = a, b
+    assert rest_a == rest_b
+    assert sd_a["param_groups"] == sd_b["param_groups"] and sd_a["state"].keys() == sd_b["state"].keys()
+    for i, s in sd_a["state"].items():
+        assert all(torch.equal(s[k], sd_b["state"][i][k]) for k in s), i
+
+
+def trained_twins(budget=600):
+    pager = Pager(budget, page_bytes=64, device="cpu")
+    ref, ref_opt, model, opt = twins(pager)
+    train_both([(ref, ref_opt), (model, opt)], range(5))
+    return ref, ref_opt, model, opt
+
+
+def test_a_load_that_does_not_fit_changes_nothing():
+    """Item 4 (issue 10): with the budget reserved, load_state_dict raised OutOfBudget after
+    the old pages were freed, and the optimizer could neither save nor step again. Now nothing
+    changes, and training continues bit-identically once the spike is over."""
+    ref, ref_opt, model, opt = trained_twins()
+    opt.pager.reserve(opt.pager.budget - 32)            # a spike: every page out, no room for one
+    before = everything(opt)
+    with pytest.raises(OutOfBudget):
+        opt.load_state_dict(ref_opt.state_dict())
+    assert_same(everything(opt), before)
+    opt.pager.release(opt.pager.reserved_bytes)
+    train_both([(ref, ref_opt), (model, opt)], range(5, 10))
+
+
+def test_a_load_failing_at_any_point_changes_nothing(monkeypatch):
+    """Fail the k-th call of each pager method the load makes (free, alloc), and the check of
+    the last parameter's state: each time the optimizer and its pager are as they were."""
+    ref, ref_opt, model, opt = trained_twins()
+    sd = ref_opt.state_dict()
+    failures = []
+    for method in ("free", "alloc"):
+        for k in range(8):
+            calls, real = [0], getattr(Pager, method)
+
+            def failing(self, *args, **kwargs):
+                calls[0] += 1
+                if calls[0] == k + 1:
+                    raise RuntimeError("injected")
+                return real(self, *args, **kwargs)
+            monkeypatch.setattr(Pager, method, failing)
+            before = everything(opt)
+            try:
+                opt.load_state_dict(sd)
+            except RuntimeError as e:
+                assert str(e) == "injected"
+                failures.append((method, k))
+                assert_same(everything(opt), before)
+            monkeypatch.setattr(Pager, method, real)
+    assert ("free", 3) in failures and ("alloc", 7) in failures   # 4 parameters, 2 moments each
+    bad = copy.deepcopy(sd)
+    bad["state"][3]["exp_avg"] = torch.zeros(5)                    # the last one: (4,) expected
+    before = everything(opt)
+    with pytest.raises(ValueError, match=r"parameter 3: exp_avg is \(5,\)"):
+        opt.load_state_dict(bad)
+    assert_same(everything(opt), before)
+    opt.load_state_dict(sd)                                         # and a good load still works
+    train_both([(ref, ref_opt), (model, opt)], range(5, 10))
+
+
+@pytest.mark.parametrize("is_paged", [True, False])
+def test_state_of_another_size_is_refused(is_paged):
+    """Item 7 (issue 10): torch AdamW's state for a 3-element parameter loaded into a 4-element
+    one; element 3 then never trained. torch refuses; so does PagedAdamW, changing nothing."""
+    p3, p4 = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    p3.grad, p4.grad = torch.ones(3), torch.ones(4)
+    torch_opt = torch.optim.AdamW([p3])
+    torch_opt.step()
+    opt = PagedAdamW([p4], is_paged=is_paged)
+    opt.step()
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"parameter 0: exp_avg is \(3,\) torch.float32, but the "
+                                         r"parameter is a \(4,\) floating-point tensor"):
+        opt.load_state_dict(torch_opt.state_dict())
+    after = opt.state_dict()
+    assert all(torch.equal(before["state"][0][k], after["state"][0][k]) for k in before["state"][0])
+    sd = torch_opt.state_dict()
+    del sd["state"][0]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq'\]"):
+        PagedAdamW([p3]).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("is_paged", [True, False])
+def test_maximize_is_bit_identical_to_torch(is_paged):
+    """Item 8 (issue 10): maximize was shown in param_groups and ignored by the update."""
+    pager = Pager(300, page_bytes=64, device="cpu") if is_paged else None
+    ref, ref_opt, model, opt = twins(pager, is_paged=is_paged, maximize=True)
+    ref_opt.param_groups[0]["maximize"] = True
+    train_both([(ref, ref_opt), (model, opt)], range(10))
+    # and from a torch checkpoint that says maximize=True
+    ref2, ref_opt2, model2, opt2 = twins(pager and Pager(300, page_bytes=64, device="cpu"),
+                                         is_paged=is_paged)
+    ref_opt2.param_groups[0]["maximize"] = True
+    train_both([(ref2, ref_opt2)], range(3))
+    model2.load_state_dict(ref2.state_dict())
+    opt2.load_state_dict(ref_opt2.state_dict())
+    train_both([(ref2, ref_opt2), (model2, opt2)], range(3, 8))
+
+
+@pytest.mark.parametrize("flag, value", [("amsgrad", True), ("fused", True), ("capturable", True),
+                                         ("differentiable", True)])
+def test_options_not_implemented_are_refused(flag, value):
+    """Item 8: refused at construction (argument or group), add_param_group, load_state_dict
+    (torch's checkpoint) and step (a group edited afterwards), never silently ignored."""
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    match = rf"{flag}=True is not implemented"
+    if flag == "amsgrad":
+        with pytest.raises(ValueError, match=match):
+            PagedAdamW([w], amsgrad=True)
+    with pytest.raises(ValueError, match=match):
+        PagedAdamW([{"params": [w], flag: value}])
+    opt = PagedAdamW([w])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], flag: value})
+    assert len(opt.param_groups) == 1
+    torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    torch_opt.param_groups[0][flag] = value
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0][flag] in (False, None) if flag in opt.param_groups[0] else True
+    opt.param_groups[0][flag] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(w, torch.ones(3))
+
+
+def test_adam_l2_checkpoint_is_refused():
+    """torch.optim.Adam's groups say decoupled_weight_decay=False: with weight decay that is
+    another update (L2 in the gradient), so its checkpoint is refused; without, it loads."""
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        PagedAdamW([w]).load_state_dict(torch.optim.Adam([w], weight_decay=0.1).state_dict())
+    PagedAdamW([w]).load_state_dict(torch.optim.Adam([w]).state_dict())
+
+
+def float32_reference(p16, grads, **hyper):
+    """What float32 state means: torch's AdamW on a float32 copy of the 16-bit parameter,
+    re-read from the parameter before each step and rounded back into it after."""
+    work = torch.nn.Parameter(p16.detach().float())
+    opt = torch.optim.AdamW([work], foreach=False, **hyper)
+    out = p16.detach().clone()
+    for g in grads:
+        work.data.copy_(out.float())
+        work.grad = g.float()
+        opt.step()
+        out = work.detach().to(p16.dtype)
+    return out, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("is_paged", [True, False])
+def test_low_precision_parameters_keep_float32_state(dtype, is_paged):
+    """Item 15 (issue 10): float16 parameters (randn * 0.1, gradients randn * 0.01): in float16,
+    v = 0.001 * g^2 underflows and the first step wrote inf (as torch's AdamW does in float16).
+    By default the state is float32 and the update equals the float32 reference bit for bit;
+    the state_dict still loads into torch's AdamW, and torch's state loads back."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(1024, 32, generator=g) * 0.1).to(dtype))
+    grads = [(torch.randn(1024, 32, generator=g) * 0.01).to(dtype) for _ in range(5)]
+    if dtype == torch.float16:                       # the failure, as torch's AdamW shows it
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = grads[0]
+        torch.optim.AdamW([q], foreach=False).step()
+        assert not torch.isfinite(q).all()
+    want, ref_opt = float32_reference(p, grads)
+    pager = Pager(40_000, page_bytes=4096, device="cpu") if is_paged else None
+    opt = PagedAdamW([p], pager=pager, is_paged=is_paged)
+    for grad in grads:
+        p.grad = grad
+        opt.step()
+    assert p.dtype == dtype and torch.isfinite(p).all() and torch.equal(p, want)
+    sd = opt.state_dict()
+    assert sd["state"][0]["exp_avg"].dtype == torch.float32
+    assert torch.equal(sd["state"][0]["exp_avg_sq"], ref_opt.state[ref_opt.param_groups[0]
+                                                                    ["params"][0]]["exp_avg_sq"])
+    back = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())])
+    back.load_state_dict(sd)                          # torch casts to the parameter's dtype
+    assert back.state_dict()["state"][0]["exp_avg"].dtype == dtype
+    fresh = PagedAdamW([p], is_paged=is_paged)
+    fresh.load_state_dict(sd)                         # float32 state stays float32
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg_sq"], sd["state"][0]["exp_avg_sq"])

@@ -118,6 +118,15 @@ class ReferenceLRU:
             self.resident[pid] = nbytes
         self.resident.move_to_end(pid)
 
+    def use(self, pids, sizes):
+        """All of pids paged in, or (OutOfBudget) none: checked before the first one moves."""
+        missing = sum(sizes[pid] for pid in pids if pid not in self.resident)
+        if missing and sum(self.resident[p] for p in pids if p in self.resident) \
+                + self.reserved + missing > self.budget:
+            raise OutOfBudget("reference")
+        for pid in pids:
+            self.page_in(pid, sizes[pid], held=pids)
+
 
 def outcome(fn):
     try:
@@ -134,7 +143,8 @@ def outcome(fn):
 def test_evicts_in_the_order_of_the_reference_lru(budget_pages, numels, ops):
     """Random allocs, uses (of one or two pages), reserves and releases: the pager pages out the
     same pages, in the same order, as the reference rule, keeps the same resident pages, and
-    raises OutOfBudget exactly when the reference does."""
+    raises OutOfBudget exactly when the reference does (a use of two pages that cannot both fit
+    moves neither)."""
     pager = Pager(16 * budget_pages, page_bytes=16, device="cpu")
     ref = ReferenceLRU(16 * budget_pages)
     evicted, move = [], pager._move
@@ -158,7 +168,7 @@ def test_evicts_in_the_order_of_the_reference_lru(budget_pages, numels, ops):
                 with pager.use(pids):
                     pass
             mine = outcome(use)
-            theirs = outcome(lambda: [ref.page_in(pid, sizes[pid], held=pids) for pid in pids])
+            theirs = outcome(lambda: ref.use(pids, sizes))
         elif op == "reserve":
             mine = outcome(lambda: pager.reserve(4 * (k % 9)))
             theirs = outcome(lambda: ref.make_room(4 * (k % 9)))
@@ -204,3 +214,128 @@ def test_prefetch_fills_free_room_in_order_and_never_evicts():
     pager.prefetch(pages[::-1])                            # 3, 2 fit; then the room is full
     assert pager.resident_pages == [pages[3], pages[2]] and pager.page_ins == ins + 2
     assert pager.page_outs == 4                            # nothing more was evicted
+
+
+def snapshot(pager):
+    """Everything a failed call must leave as it was."""
+    return (list(pager.on_device), sorted(pager.on_host), pager.stats(), list(pager.timeline or ()),
+            {pid: pager.page(pid).clone() for pid in [*pager.on_device, *pager.on_host]})
+
+
+def same(a, b):
+    return a[:4] == b[:4] and a[4].keys() == b[4].keys() and all(
+        torch.equal(a[4][k], b[4][k]) for k in a[4])
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda pg, pages: pg.alloc(10, data=torch.ones(4)), "data must be a tensor of numel=10"),
+    (lambda pg, pages: pg.alloc(-1), "numel must be an int >= 0"),
+    (lambda pg, pages: pg.alloc(4, dtype="float32"), "dtype must be a torch.dtype"),
+    (lambda pg, pages: pg.free([pages[0], 99]), "no page with id 99"),
+    (lambda pg, pages: pg.free([pages[0], pages[0]]), "listed twice"),
+    (lambda pg, pages: pg.use([pages[1], 99]).__enter__(), "no page with id 99"),
+    (lambda pg, pages: pg.prefetch([99]), "no page with id 99"),
+    (lambda pg, pages: pg.gather([99]), "no page with id 99"),
+])
+def test_a_bad_call_changes_nothing(call, error):
+    """Item 5 (issue 10): alloc(10, data=torch.ones(4)) used to raise after counting 24 bytes
+    as resident, for good. Every refused call leaves pages, counters and timeline as they were."""
+    pager = Pager(64, page_bytes=16, device="cpu", timeline=True)
+    pages = pager.alloc(12, data=torch.arange(12.0))
+    pager.reserve(24)                                     # page 0 goes to the host
+    before = snapshot(pager)
+    with pytest.raises((ValueError, TypeError), match=error):
+        call(pager, pages)
+    assert same(snapshot(pager), before)
+    assert pager.alloc(1) == (3,)                         # ids are not used up either
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_an_alloc_that_does_not_fit_changes_nothing(evict):
+    """evict=False: the third page of an alloc does not fit after two were placed; evict=True:
+    the reserved bytes leave no room for one page. Either way the pager is as it was."""
+    pager = Pager(64, page_bytes=16, device="cpu", evict=evict, timeline=True)
+    pager.alloc(4, data=torch.ones(4))
+    pager.reserve(8 if not evict else 56)
+    before = snapshot(pager)
+    with pytest.raises(OutOfBudget, match="alloc of 16 bytes"):
+        pager.alloc(12)
+    assert same(snapshot(pager), before)
+
+
+def test_a_use_that_cannot_fit_every_page_changes_nothing():
+    """use([a, b]) where a fits but a and b together do not: refused before a moves."""
+    pager = Pager(48, page_bytes=16, device="cpu", timeline=True)
+    pages = pager.alloc(8)                               # 2 pages
+    pager.reserve(48)                                    # both out
+    pager.release(16)                                    # room for one page
+    before = snapshot(pager)
+    with pytest.raises(OutOfBudget, match="use of 32 bytes"):
+        with pager.use(list(pages)):
+            pass
+    assert same(snapshot(pager), before)
+
+
+def test_transaction_puts_everything_back():
+    pager = Pager(64, page_bytes=16, device="cpu", timeline=True)
+    pages = pager.alloc(12, data=torch.arange(12.0))
+    before = snapshot(pager)
+    with pytest.raises(KeyError, match="boom"):
+        with pager.transaction():
+            pager.free(pages[:2])
+            pager.alloc(16)                               # evicts page 2
+            pager.reserve(16)
+            raise KeyError("boom")
+    assert same(snapshot(pager), before)
+    assert pager.alloc(1) == (3,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(evict=st.booleans(), ops=st.lists(st.tuples(
+    st.sampled_from(["alloc", "bad_alloc", "free", "use", "reserve", "release", "prefetch"]),
+    st.integers(-3, 40)), max_size=25))
+def test_any_raising_call_leaves_the_pager_unchanged(evict, ops):
+    """Random calls, valid or not: a call that raises leaves the snapshot as it was, and the
+    counters always describe the pages."""
+    pager = Pager(64, page_bytes=16, device="cpu", evict=evict, timeline=True)
+    live = []
+    for op, k in ops:
+        before = snapshot(pager)
+        pid = live[k % len(live)] if live and k >= 0 else 1000 + k
+        calls = {"alloc": lambda: live.extend(pager.alloc(k, data=torch.arange(float(max(k, 0))))),
+                 "bad_alloc": lambda: pager.alloc(k, data=torch.ones(abs(k) + 1)),
+                 "free": lambda: (pager.free([pid]), live.remove(pid)),
+                 "use": lambda: pager.use([pid, live[(k * 7) % len(live)] if live else pid])
+                 .__enter__(),
+                 "reserve": lambda: pager.reserve(4 * k), "release": lambda: pager.release(4 * k),
+                 "prefetch": lambda: pager.prefetch([pid])}
+        try:
+            calls[op]()
+            pager._in_use = ()                            # leave use's `with` block
+        except (OutOfBudget, ValueError, TypeError):
+            assert same(snapshot(pager), before), op
+        assert pager.resident_bytes == sum(pager.nbytes(p) for p in pager.on_device)
+        assert pager.resident_bytes + pager.reserved_bytes <= pager.budget
+
+
+def test_the_default_page_fits_a_small_budget():
+    """Item 6 (issue 10): a 279,218-byte budget and 2 MiB pages could not hold the state of one
+    300x300 weight (360 kB per moment, one page each): the first step raised OutOfBudget. The
+    default page is now an eighth of a small budget, so the step pages, bit-identical to torch;
+    an explicit page_bytes is honoured as before."""
+    from minqlora.paged_adam import PagedAdamW
+    assert Pager(None).page_bytes == Pager(1 << 30).page_bytes == 1 << 21
+    assert Pager(279_218).page_bytes == 34_880 and Pager(100).page_bytes == 64
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(300, 300))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.AdamW([a], foreach=False)
+    opt = PagedAdamW([b], pager=Pager(279_218, device="cpu"))
+    for _ in range(3):
+        g = torch.randn(300, 300)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step(), opt.step()
+    assert torch.equal(a, b) and opt.pager.page_outs > 0
+    b.grad = torch.ones(300, 300)
+    with pytest.raises(OutOfBudget):
+        PagedAdamW([b], pager=Pager(279_218, page_bytes=1 << 21, device="cpu")).step()

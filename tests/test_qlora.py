@@ -199,3 +199,96 @@ def test_merge_errors_dequantized_is_exact_requantized_is_not(seed):
     assert 0.01 < errors["requantized"] < 0.2
     assert 0.01 < errors["adapters dropped"] < 0.5
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- issue 10, item 12: convert only what converts faithfully, report the rest ----
+
+class Doubled(nn.Linear):
+    """An nn.Linear subclass with its own forward: swapping it would drop the * 2."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_an_ordinary_model_is_converted_without_a_warning():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = prepare_qlora(Tiny(), r=4)
+    assert model.qlora_skipped == {}
+
+
+def test_a_subclass_with_its_own_forward_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Doubled(8, 8))
+    x = gaussian((3, 8))
+    hidden = model[0]
+    with pytest.warns(UserWarning, match=r"left 1 targeted linear layer\(s\) .* 1: Doubled has "
+                                         "its own forward"):
+        prepare_qlora(model, r=2)
+    assert type(model[1]) is Doubled and isinstance(model[0], LoRALinear)
+    assert model.qlora_skipped == {"1": "Doubled has its own forward"}
+    assert not any(p.requires_grad for p in model[1].parameters())
+    assert torch.equal(model(x), model[1](model[0](x))) and model[0].base is not hidden
+    assert torch.equal(model[1](x), Doubled.forward(model[1], x))
+
+
+def test_multihead_attention_and_transformer_layers_still_run():
+    """nn.MultiheadAttention reads out_proj.weight itself (the swap raised "'LoRALinear' object
+    has no attribute 'weight'"); nn.TransformerEncoderLayer's inference fast path reads its
+    linears' weights. Those stay; the layers run, in training and in eval mode, exactly as
+    before at the start (B = 0) where nothing was converted."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(nn.Linear(16, 16), layer)
+    x = gaussian((2, 5, 16))
+    model.eval()
+    with torch.no_grad():
+        want = layer(x)                                  # eval: the fast path
+    with pytest.warns(UserWarning, match="MultiheadAttention reads its .weight directly"):
+        prepare_qlora(model, r=2)
+    assert set(model.qlora_skipped) == {"1.self_attn.out_proj", "1.linear1", "1.linear2"}
+    assert isinstance(model[0], LoRALinear)
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (2, 5, 16) and torch.isfinite(out).all()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)               # the layer computes what it did
+    mha = nn.MultiheadAttention(16, 2)
+    with pytest.raises(ValueError, match="can be converted faithfully .*out_proj.*reads its "
+                                         ".weight directly"):
+        prepare_qlora(mha)
+
+
+def test_a_module_under_two_names_is_converted_under_both():
+    """It was converted under one name only; now one LoRALinear sits under both: still shared."""
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})
+    prepare_qlora(model, r=2)
+    assert isinstance(model["a"], LoRALinear) and model["b"][0] is model["a"]
+    assert model.qlora_skipped == {}
+    assert sum(p.requires_grad for p in model.parameters()) == 2    # one A, one B
+
+
+def test_tied_weights_stay_tied():
+    """lm_head sharing the embedding's weight: quantizing it silently untied them."""
+    model = Tiny()
+    model.lm_head.weight = model.embed.weight
+    with pytest.warns(UserWarning, match=r"lm_head: its weight or bias is tied to "
+                                         r"\['embed.weight'\]"):
+        prepare_qlora(model, r=2, exclude=())
+    assert model.lm_head.weight is model.embed.weight and type(model.lm_head) is nn.Linear
+    assert isinstance(model.mlp, LoRALinear)
+
+
+def test_hooks_and_parametrizations_are_kept():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].register_forward_hook(lambda m, i, o: o * 0)
+    torch.nn.utils.parametrize.register_parametrization(model[1], "weight", nn.Identity())
+    with pytest.warns(UserWarning, match="forward hooks or a parametrized weight"):
+        prepare_qlora(model, r=2)
+    assert set(model.qlora_skipped) == {"0", "1"} and isinstance(model[2], LoRALinear)
+    assert (model[0](gaussian((1, 4))) == 0).all()

@@ -196,13 +196,16 @@ def test_quant_state_moves_and_keeps_its_fields():
 
 def test_absmax_state_is_the_nested_states_state2():
     """quantize_4bit builds state2 with absmax_state: DYNAMIC, blocksize 256, one shape entry
-    per absmax; the code is one shared copy per device."""
+    per absmax. absmax_state's default code is one shared copy per device (for the states a
+    layer makes each forward pass), never DYNAMIC itself; quantize_4bit's state owns its copy."""
     _, state = quantize_4bit(gaussian((40, 64)))
     inner = absmax_state(state.state2.absmax, 40)
     for field in ("blocksize", "shape", "dtype", "quant_type", "offset", "state2"):
         assert getattr(inner, field) == getattr(state.state2, field), field
     assert (inner.blocksize, inner.shape, inner.quant_type) == (256, (40,), "dynamic")
-    assert torch.equal(inner.code, DYNAMIC) and inner.code is state.state2.code
+    assert torch.equal(inner.code, DYNAMIC) and inner.code is not DYNAMIC
+    assert inner.code is absmax_state(state.state2.absmax, 40).code
+    assert torch.equal(state.state2.code, DYNAMIC) and state.state2.code is not inner.code
 
 
 def test_absmax_fp32_decodes_with_the_states_own_inner_code():
@@ -223,9 +226,9 @@ def test_check_state_names_what_does_not_fit():
              (dict(blocksize=32), "expected 4 uint8 qabsmax values for 100 weights at "
                                   "blocksize 32, got 2 of torch.uint8"),
              (dict(absmax=state.absmax.float()), "expected 2 uint8 qabsmax values"),
-             (dict(code=DYNAMIC), "a 4-bit code has at most 16 entries, got 256"),
-             (dict(offset=None), "one offset and one absmax2 per state2.blocksize absmaxes; "
-                                 "got 0 and 1 for 2 absmaxes at 256")]
+             (dict(code=DYNAMIC), "a 4-bit code is a 1-D floating-point tensor of 2 to 16 entries, got 256"),
+             (dict(offset=None), r"expected one float offset \(the absmaxes' mean\), got "
+                                 "NoneType")]
     for change, message in cases:
         broken = QuantState(**{**state.__dict__, **change})
         with pytest.raises(ValueError, match=message):
@@ -233,3 +236,225 @@ def test_check_state_names_what_does_not_fit():
     state.state2.blocksize = 100
     with pytest.raises(ValueError, match="state2.blocksize must be a power of two >= 2, got 100"):
         check_state(packed, state, "here")
+
+
+# ---- issue 10: tampered states, values beyond float32, shared tables, bitsandbytes' edges ----
+
+def tampered(state, **change):
+    """A copy of state with some fields changed (state2's fields as state2_<name>)."""
+    import dataclasses
+    inner = {k[7:]: v for k, v in change.items() if k.startswith("state2_")}
+    outer = {k: v for k, v in change.items() if not k.startswith("state2_")}
+    if inner:
+        outer["state2"] = dataclasses.replace(state.state2, **inner)
+    return dataclasses.replace(state, **outer)
+
+
+TAMPERED = [  # (change, what the error must say); the data was quantized at blocksize 32
+    (dict(blocksize=64), "expected 16 uint8 qabsmax values for 1000 weights at blocksize 64"),
+    (dict(blocksize=48), "blocksize must be a power of two >= 2, got 48"),
+    (dict(blocksize=0), "blocksize must be a power of two >= 2, got 0"),
+    (dict(blocksize=32.0), "blocksize must be a power of two >= 2, got 32.0"),
+    (dict(dtype=torch.int32), r"state.dtype \(what was quantized\) must be a floating-point"),
+    (dict(dtype="float32"), "state.dtype"),
+    (dict(offset=None), "expected one float offset"),
+    (dict(offset=torch.zeros(2)), "expected one float offset"),
+    (dict(code=torch.zeros(20)), "2 to 16 entries, got 20"),
+    (dict(code=torch.arange(16)), "1-D floating-point tensor of 2 to 16 entries, got 16 of "
+                                  "torch.int64"),
+    (dict(code=[0.0, 1.0]), "got list"),
+    (dict(absmax=torch.zeros(32)), "expected 32 uint8 qabsmax values"),
+    (dict(state2_code=torch.zeros(10)), "256-value float state2.code"),
+    (dict(state2_absmax=torch.zeros(2)), "expected 1 float absmax2 values"),
+    (dict(state2_absmax=torch.zeros(1, dtype=torch.int32)), "expected 1 float absmax2"),
+    (dict(state2_blocksize=0), "state2.blocksize must be a power of two"),
+    (dict(state2=torch.zeros(3)), "state2 must be a QuantState"),
+    (dict(shape=torch.Size([998])), r"expected 499 uint8 bytes for shape \(998,\)"),
+]
+
+
+@pytest.mark.parametrize("decode", ["decode_4bit", "torch", "emulate"])
+@pytest.mark.parametrize("change, message", TAMPERED, ids=lambda v: str(v)[:40])
+def test_every_backend_refuses_the_same_tampered_state(decode, change, message, request):
+    """Item 9 (issue 10): a state tampered with is refused by one check (check_state) on every
+    path, with the same message; before, the torch backend decoded blocksize 64 for data
+    quantized at 32 as garbage, returned ints for dtype=int32, and raised ZeroDivisionError,
+    TypeError or AttributeError from inside for blocksize 0, offset=None or a tuple shape."""
+    if decode == "emulate":
+        request.getfixturevalue("emulation")
+    from minqlora.backends import dequantize_4bit
+    run = decode_4bit if decode == "decode_4bit" else (
+        lambda p, s: dequantize_4bit(p, s, backend=decode))
+    packed, state = quantize_4bit(gaussian(1000), 32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        run(packed, tampered(state, **change))
+    with pytest.raises(TypeError, match="expected a QuantState, got NoneType"):
+        run(packed, None)
+    with pytest.raises(ValueError, match="uint8 bytes .* got list"):
+        run([1, 2], state)
+
+
+def test_a_tuple_shape_is_a_torch_size():
+    """A state made with a tuple (or list) shape works; one changed to a tuple afterwards is
+    refused clearly, not with an AttributeError from inside."""
+    packed, state = quantize_4bit(gaussian((10, 7)), 32)
+    made = QuantState(**{**state.__dict__, "shape": (10, 7)})
+    assert made.shape == torch.Size([10, 7]) and isinstance(made.shape, torch.Size)
+    assert torch.equal(decode_4bit(packed, made), decode_4bit(packed, state))
+    state.shape = (10, 7)
+    with pytest.raises(TypeError, match=r"state.shape must be a torch.Size, got \(10, 7\)"):
+        decode_4bit(packed, state)
+
+
+def test_float64_beyond_float32_is_refused():
+    """Item 11: [1e300, 1, -2, 3] in float64 decoded to [inf, nan, nan, nan]; absmaxes are
+    float32, so it is refused, saying so. Within float32's range float64 is correct."""
+    from minqlora import absmax_quantize, quantize_blockwise
+    x = torch.tensor([1e300, 1, -2, 3], dtype=torch.float64)
+    for quantize in (lambda: quantize_4bit(x, double_quant=False), lambda: quantize_4bit(x),
+                     lambda: absmax_quantize(x), lambda: quantize_blockwise(x, DYNAMIC)):
+        with pytest.raises(ValueError, match=r"1 value\(s\) beyond float32's range \(largest "
+                                             r"\|x\| 1e\+300 > 3.4028e\+38\)"):
+            quantize()
+    y = torch.tensor([1e38, -3e38, 1e-30, 7.0], dtype=torch.float64)
+    for double_quant in (False, True):
+        packed, state = quantize_4bit(y, double_quant=double_quant)
+        want = decode_4bit(*quantize_4bit(y.float(), double_quant=double_quant)).double()
+        assert torch.equal(decode_4bit(packed, state), want) and state.dtype == torch.float64
+
+
+def test_finite_float32_near_its_maximum():
+    """Item 11: torch.full((128,), 2e38) with double quantization failed ('2 non-finite values':
+    the mean of the absmaxes overflowed in float32). The mean falls back to float64, so it
+    round-trips exactly; where the double-quantized constant itself would overflow, the error
+    says so (the plain format still holds it)."""
+    x = torch.full((128,), 2e38)
+    for double_quant in (False, True):
+        packed, state = quantize_4bit(x, double_quant=double_quant)
+        assert torch.equal(decode_4bit(packed, state), x)
+    big = torch.finfo(torch.float32).max
+    y = torch.cat([torch.full((128,), big), torch.zeros(64)])
+    with pytest.raises(ValueError, match="close to float32's maximum .* overflow when double "
+                                         "quantized; use double_quant=False"):
+        quantize_4bit(y)
+    packed, state = quantize_4bit(y, double_quant=False)
+    assert torch.equal(decode_4bit(packed, state), y)
+
+
+def test_normal_inputs_keep_bitsandbytes_offset(bnb_functional):
+    """The float64 mean is only a fallback: an ordinary weight's offset is still the float32
+    mean bitsandbytes computes (same bits)."""
+    x = gaussian((300, 257), seed=3)
+    _, state = quantize_4bit(x)
+    _, ref = bnb_functional.quantize_4bit(x, blocksize=64, compress_statistics=True)
+    assert torch.equal(state.offset, ref.offset)
+
+
+def test_editing_a_state_never_touches_the_tables():
+    """Item 13: state.code was mq.NF4 itself and state2.code the dynamic table, so editing a
+    state in place corrupted every later quantization. Each state owns its tables now."""
+    x = gaussian(1000)
+    packed, state = quantize_4bit(x)
+    tables = NF4.clone(), DYNAMIC.clone()
+    state.code.zero_()
+    state.state2.code.zero_()
+    assert torch.equal(NF4, tables[0]) and torch.equal(DYNAMIC, tables[1])
+    again, fresh = quantize_4bit(x)
+    assert torch.equal(again, packed) and torch.equal(fresh.code, NF4)
+    assert torch.equal(fresh.state2.code, DYNAMIC)
+
+
+def test_a_parameter_quantizes_without_autograd_history():
+    """Item 13: quantizing an nn.Parameter left state2.absmax and offset with requires_grad."""
+    from minqlora import absmax_quantize, double_quantize, quantize_blockwise
+    w = torch.nn.Parameter(gaussian((64, 64)))
+    _, state = quantize_4bit(w)
+    assert not any(t.requires_grad for t in (state.absmax, state.offset, state.state2.absmax))
+    assert not quantize_blockwise(w, DYNAMIC)[1].requires_grad
+    assert not absmax_quantize(w)[1].requires_grad
+    assert not any(t.requires_grad for t in double_quantize(w.abs().reshape(-1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_input_is_quantized(dtype):
+    """Item 13: float8 input raised NotImplementedError ('isfinite' for Float8) from inside
+    torch. It is quantized like its float32 values, and decodes back to float8."""
+    x = gaussian(200).to(dtype)
+    packed, state = quantize_4bit(x)
+    want_packed, want = quantize_4bit(x.float())
+    assert torch.equal(packed, want_packed) and state.dtype == dtype
+    assert torch.equal(decode_4bit(packed, state).float(),
+                       decode_4bit(want_packed, want).to(dtype).float())
+
+
+def test_a_huge_blocksize_on_a_few_values_allocates_little():
+    """Item 13: blocksize 2**26 on 10 values padded a block of 2**26 values (~540 MB). One
+    short block is padded to an even count only; results as with blocksize 16."""
+    import subprocess
+    import sys
+    code = """
+import resource, torch, minqlora as mq
+from minqlora.quant_state import decode_4bit
+x = torch.randn(10, generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for double_quant in (False, True):
+    p, s = mq.quantize_4bit(x, 2 ** 26, double_quant=double_quant)
+    p16, s16 = mq.quantize_4bit(x, 16, double_quant=double_quant)
+    assert torch.equal(p, p16)
+    for backend in ("torch", "emulate"):
+        assert torch.equal(mq.dequantize_4bit(p, s, backend=backend), decode_4bit(p16, s16))
+q, a = mq.quantize_blockwise(x, mq.DYNAMIC, 2 ** 26)
+assert torch.equal(mq.dequantize_blockwise(q, a, mq.DYNAMIC, 2 ** 26),
+                   mq.dequantize_blockwise(*mq.quantize_blockwise(x, mq.DYNAMIC, 16), mq.DYNAMIC, 16))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 64, f"{done.stdout.split()[-1]} MB more at its peak"
+
+
+def test_partial_last_block_is_scaled_by_the_reciprocal():
+    """Item 14: minqlora scales every block, the partial last one too, by x * (1/absmax), as
+    bitsandbytes' CUDA kernel does everywhere and its CPU quantizer does for full blocks. fp16
+    [3.2578125, -1.900390625] in FP4: -1.900390625 * (1 / 3.2578125) lands on an FP4 midpoint
+    that x / absmax misses, so a partial block of these two gives byte 58 (bitsandbytes 0.50's
+    CPU quantizer, dividing: 61); the same pair inside a full block gives 58 on both."""
+    pair = torch.tensor([3.2578125, -1.900390625], dtype=torch.float16)
+    packed, _ = quantize_4bit(pair, 64, "fp4", double_quant=False)
+    assert packed.tolist() == [58]
+    full = torch.cat([pair, torch.zeros(62, dtype=torch.float16)])
+    assert quantize_4bit(full, 64, "fp4", double_quant=False)[0][0].item() == 58
+
+
+def test_partial_last_block_edges_against_bitsandbytes(bnb_functional):
+    """The known differences, pinned: bitsandbytes 0.50's CPU quantizer divides in a partial
+    last block (byte 61 above) and stores max(absmax, 1e-38) for an all-zero partial block
+    (torch.zeros(100): [0, 1e-38]; minqlora [0, 0], as it stores every all-zero block). The
+    bytes of zeros agree, and both decode to zeros."""
+    pair = torch.tensor([3.2578125, -1.900390625], dtype=torch.float16)
+    ref_packed, _ = bnb_functional.quantize_4bit(pair, blocksize=64, quant_type="fp4")
+    assert ref_packed.reshape(-1).tolist() == [61]
+    full = torch.cat([pair, torch.zeros(62, dtype=torch.float16)])
+    assert bnb_functional.quantize_4bit(full, blocksize=64, quant_type="fp4")[0][0].item() == 58
+    zeros = torch.zeros(100)
+    packed, state = quantize_4bit(zeros, 64, double_quant=False)
+    ref_packed, ref = bnb_functional.quantize_4bit(zeros, blocksize=64, quant_type="nf4")
+    assert state.absmax.tolist() == [0.0, 0.0] and ref.absmax[1].item() == pytest.approx(1e-38)
+    assert torch.equal(packed, ref_packed.reshape(-1)) and (packed == 0x77).all()
+    assert (decode_4bit(packed, state) == 0).all()
+
+
+def test_quant_state_equality_is_format_and_bytes():
+    """Item 16: == raised 'Boolean value of Tensor ... is ambiguous'. Equal: same format and
+    the same bytes in every tensor (wherever they are); otherwise not equal; never an error."""
+    x = gaussian((33, 64))
+    (_, a), (_, b) = quantize_4bit(x), quantize_4bit(x.clone())
+    assert a == b and a.to("cpu") == b and not (a != b)
+    assert a != quantize_4bit(x * 2)[1]                               # other bytes
+    assert a != quantize_4bit(x, quant_type="fp4")[1]                 # other format
+    assert a != quantize_4bit(x, double_quant=False)[1] and a != None  # noqa: E711
+    assert a != tampered(a, offset=a.offset.double())                  # same value, other dtype
+    assert tampered(a, offset=torch.tensor(-0.0)) != tampered(a, offset=torch.tensor(0.0))
+    assert a.to("meta") != b.to("meta")                               # no bytes to compare
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(a)

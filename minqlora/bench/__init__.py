@@ -57,6 +57,10 @@ def optional(module: str):
 
 
 def run_bench(sections=None, quick: bool = False) -> None:
+    """Run the named sections (default: all of SECTIONS), checked before any runs."""
+    unknown = [name for name in sections or () if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"run_bench: unknown section(s) {unknown}; choose from {SECTIONS}")
     for name in sections or SECTIONS:
         try:
             section = importlib.import_module(f"minqlora.bench.{name}")
