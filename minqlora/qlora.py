@@ -27,7 +27,6 @@ Not done here (as PEFT's prepare_model_for_kbit_training would): gradient checkp
 upcasting layer norms; this function only swaps layers and freezes.
 """
 import copy
-
 import warnings
 from dataclasses import dataclass
 
