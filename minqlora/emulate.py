@@ -34,6 +34,8 @@ from .launch import grid, kernel_args, kernel_source
 CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
             "-pthread", "-ftls-model=initial-exec"]
 _BUILT = {}                                     # (source, shim, emulate.cpp texts) -> library
+MIN_BLOCKS = 32  # grid blocks (8192 weights each) per CPU thread at least: starting a thread
+                 # costs tens of microseconds, more than decoding a small weight
 
 
 class EmulationUnavailable(RuntimeError):
@@ -51,8 +53,7 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     texts = tuple(files.values())
     if texts in _BUILT:                         # the same texts as an earlier call: no disk work
         return _BUILT[texts]
-    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-    cxx = next(filter(None, map(shutil.which, names)), None)
+    cxx = find_compiler()
     if cxx is None:
         raise EmulationUnavailable("dequantize_4bit(backend='emulate'): no C++ compiler found "
                                    "(looked for $CXX, c++, g++, clang++); install one, e.g. "
@@ -78,6 +79,13 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     return _BUILT[texts]
 
 
+def find_compiler():
+    """The C++ compiler the emulation is built with: $CXX, else the first of c++, g++, clang++
+    on PATH; None if there is none (then backend="auto" does not pick the emulation)."""
+    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    return next(filter(None, map(shutil.which, names)), None)
+
+
 def _cache_dir() -> Path:
     """$MINQLORA_CACHE, else ~/.cache/minqlora, else (home not writable) a temp dir."""
     for path in (os.environ.get("MINQLORA_CACHE"), Path.home() / ".cache" / "minqlora",
@@ -96,7 +104,8 @@ def _cache_dir() -> Path:
 
 def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:
     """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16): every
-    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's).
+    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's
+    thread count, but no more threads than MIN_BLOCKS-block shares).
 
     Worked example (test_golden_plain in tests/test_emulate.py runs it; not a doctest, because a
     machine without a C++ compiler must be able to skip it): bytes [0x0F, 0x70], NF4, one
@@ -109,6 +118,7 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
     blocks, threads = grid(n, source)
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(build_emulation(source), f"launch_{name}")
-    run(ctypes.c_longlong(blocks), ctypes.c_int(threads),
-        ctypes.c_int(n_workers or torch.get_num_threads()), *pointers,
+    if not n_workers:                   # torch's threads, each with MIN_BLOCKS blocks at least
+        n_workers = min(torch.get_num_threads(), max(1, blocks // MIN_BLOCKS))
+    run(ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers), *pointers,
         ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))

@@ -23,8 +23,9 @@ only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_d
 returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
 Left to other modules: the storage format (quant_state.py), the dequantize backend
-(backends.py: "auto" picks the torch path on a CPU and the CUDA kernel for CUDA tensors with
-CuPy), the adapters (lora.py) and whole-model conversion (qlora.py).
+(backends.py: layer.backend = "auto" picks the CUDA kernel for CUDA tensors with CuPy, its CPU
+emulation on Linux with a C++ compiler, else the torch path; set "torch", "emulate" or "cuda" to
+choose), the adapters (lora.py) and whole-model conversion (qlora.py).
 """
 from typing import NamedTuple
 
@@ -38,11 +39,13 @@ from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
 class Layout(NamedTuple):
-    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd)."""
+    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd), and
+    the dequantize backend its passes use."""
     shape: torch.Size
     blocksize: int
     quant_type: str
     dtype: torch.dtype
+    backend: str = "auto"
 
     def state(self, absmax, code, absmax2=None, offset=None) -> QuantState:
         """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
@@ -67,7 +70,7 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, layout, packed, *constants):
         ctx.layout = layout
         ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, layout.state(*constants), dtype=x.dtype)
+        weight = dequantize_4bit(packed, layout.state(*constants), x.dtype, layout.backend)
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
@@ -75,7 +78,8 @@ class Linear4bitFunction(torch.autograd.Function):
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants), grad_out.dtype)
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants), grad_out.dtype,
+                                     ctx.layout.backend)
             grad_x = grad_out @ weight                          # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
@@ -92,6 +96,8 @@ class Linear4bit(nn.Module):
     >>> layer(torch.randn(2, 128)).dtype            # computed in bf16, returned as the input
     torch.float32
     """
+
+    backend = "auto"    # dequantize_4bit's backend in forward and backward (backends.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
@@ -148,7 +154,7 @@ class Linear4bit(nn.Module):
     @property
     def layout(self) -> Layout:
         shape = torch.Size([self.out_features, self.in_features])
-        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype)
+        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype, self.backend)
 
     def quant_state(self) -> QuantState:
         """The QuantState of the stored weight, made of the layer's buffers."""
@@ -156,7 +162,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
-        return dequantize_4bit(self.weight_packed, self.quant_state(), dtype=dtype)
+        return dequantize_4bit(self.weight_packed, self.quant_state(), dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "Linear4bit")

@@ -18,7 +18,6 @@ odd count is padded with the code of 0: bytes 0xC0 0x77, decoded [0.4407, -1.0, 
 decode_4bit is the format's definition, built from lessons 02 and 03 alone. mq.dequantize_4bit
 (backends.py, lesson 05) gives the same bits faster, on the backend of your choice.
 """
-import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -81,9 +80,13 @@ class QuantState:
                        offset=move(self.offset), state2=state2)
 
 
-@functools.lru_cache(maxsize=None)
+_DYNAMIC_ON = {DYNAMIC.device: DYNAMIC}     # one copy per device, not one per forward pass
+
+
 def _dynamic_on(device: torch.device) -> torch.Tensor:
-    return DYNAMIC.to(device)          # one copy per device, not one per forward pass
+    if device not in _DYNAMIC_ON:        # a plain dict, not lru_cache: torch.compile reads it
+        _DYNAMIC_ON[device] = DYNAMIC.to(device)
+    return _DYNAMIC_ON[device]
 
 
 def absmax_state(absmax2: torch.Tensor, n_absmax: int) -> QuantState:

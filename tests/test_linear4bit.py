@@ -38,7 +38,8 @@ def test_quant_state_is_made_of_the_buffers():
     layer = Linear4bit.from_linear(linear(96, 40), blocksize=32, quant_type="fp4")
     state = layer.quant_state()
     assert layer.layout == Layout(torch.Size([40, 96]), 32, "fp4", torch.float32)
-    assert (state.shape, state.blocksize, state.quant_type, state.dtype) == tuple(layer.layout)
+    assert (state.shape, state.blocksize, state.quant_type, state.dtype) == layer.layout[:4]
+    assert layer.layout.backend == "auto"                    # the dequantize backend it uses
     assert state.absmax is layer.qabsmax and state.code is layer.code
     assert state.offset is layer.offset and state.state2.absmax is layer.absmax2
     _, reference = quantize_4bit(linear(96, 40).weight.detach(), 32, "fp4")
@@ -162,6 +163,50 @@ def test_dequantizes_once_in_forward_and_once_in_backward_only_when_needed(monke
     assert calls == [torch.bfloat16] * 2
     layer(x.detach()).sum().backward()                         # only the bias trains
     assert calls == [torch.bfloat16] * 3 and layer.bias.grad is not None
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on aten._local_scalar_dense: what .item(), int(t) and bool(t) run, a device-to-host
+    sync on a GPU (and a break in a torch.compile graph)."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            pytest.fail("a host sync (.item() / int() / bool() of a tensor) in the hot path")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulate"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_forward_and_backward_read_no_value_back_to_the_host(backend, double_quant, request):
+    """Validation happens at construction (and load); a call only checks sizes and dtypes."""
+    if backend == "emulate":
+        request.getfixturevalue("emulation")
+    layer = Linear4bit.from_linear(linear(128, 64, seed=3), double_quant=double_quant)
+    layer.backend = backend
+    x = gaussian((4, 128)).requires_grad_()
+    with _NoHostSync():
+        layer(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")   # torch's own
+def test_the_default_layer_compiles_as_one_graph_with_the_eager_bits():
+    """torch.compile(fullgraph=True) refuses any graph break (a host sync would be one); the
+    compiled forward and input gradient equal eager's bit for bit (eager may run another
+    backend: auto is the torch path while tracing, and every backend gives the same bits)."""
+    try:
+        torch.compile(lambda t: t + 1)(torch.ones(2))
+    except Exception as e:           # inductor needs a C++ compiler on a CPU
+        pytest.skip(f"torch.compile cannot run here: {type(e).__name__}: {e}")
+    layer = Linear4bit(256, 256)
+    x = gaussian((8, 256), seed=1).requires_grad_()
+    grad = gaussian((8, 256), seed=2)
+    eager = layer(x)
+    eager.backward(grad)
+    eager_grad, x.grad = x.grad, None
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    compiled.backward(grad)
+    assert torch.equal(compiled.view(torch.int32), eager.view(torch.int32))
+    assert torch.equal(x.grad.view(torch.int32), eager_grad.view(torch.int32))
 
 
 def test_state_dict_round_trips_bit_for_bit():
