@@ -17,6 +17,12 @@ Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
                dx = dy @ W                dbias = dy summed over tokens (if bias trains)
                no dW: the base weight is frozen; only LoRA's adapters learn
 
+On a CPU, dx for a 16-bit compute_dtype is computed in float32 (forward's W and dy widened
+exactly, one float32 matmul, rounded once to compute_dtype): torch's CPU matmul in bf16 / fp16
+for this operand layout (W not transposed) is a plain loop without native bf16 hardware,
+0.1-0.5 GFLOP/s against tens in float32, which made it 90% of a training step. The float32
+product is also the exact one rounded once; forward keeps F.linear in compute_dtype.
+
 Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 KiB absmax2
 + 4 B offset: 4.127 bits per parameter instead of bf16's 16, and its 32 MiB bf16 copy lives
 only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_dtype and
@@ -78,9 +84,13 @@ class Linear4bitFunction(torch.autograd.Function):
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants), grad_out.dtype,
+            dtype = grad_out.dtype                              # forward's W, bit for bit
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants), dtype,
                                      ctx.layout.backend)
-            grad_x = grad_out @ weight                          # (..., out) @ (out, in)
+            if grad_out.device.type == "cpu" and dtype.itemsize < 4:   # in float32 (see above)
+                grad_x = (grad_out.float() @ weight.float()).to(dtype)
+            else:
+                grad_x = grad_out @ weight                      # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         return (grad_x, grad_bias) + (None,) * (2 + len(constants))
