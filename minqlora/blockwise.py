@@ -20,6 +20,8 @@ decodes to zeros (never NaN): as bitsandbytes does, the reciprocal is taken of t
 clamped to TINY, so its zeros scale to 0 * 1/TINY = 0. Which codebook to use is the business
 of nf4.py; packing two 4-bit indices per byte too.
 """
+import functools
+
 import torch
 
 from ._checks import check_blocksize, check_code, check_dtype, check_float
@@ -55,23 +57,59 @@ def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     >>> a.tolist(), s.tolist()
     ([0.800000011920929, 3.0], [[0.25, -1.0], [1.0, 0.5]])
     """
-    flat, n = x.detach().reshape(-1).float(), x.numel()                 # no autograd history
-    width = min(blocksize, n + n % 2) if n else blocksize   # one short block: no huge padding
-    blocks = blocks_of(flat, width)                                     # (n_blocks, width)
-    absmax = blocks.abs().amax(dim=1)                                    # (n_blocks,) float32
-    scaled = blocks * (1.0 / absmax.clamp(min=TINY)).unsqueeze(1)
+    flat, n = x.detach().reshape(-1), x.numel()                         # no autograd history
+    if flat.dtype not in (torch.bfloat16, torch.float16):    # 16-bit floats stay as they are:
+        flat = flat.float()                                  # |x| and max are exact in them, and
+    width = min(blocksize, n + n % 2) if n else blocksize    # x * r below computes in float32;
+    blocks = blocks_of(flat, width)                          # one short block: no huge padding
+    absmax = blocks.abs().amax(dim=1).float()                            # (n_blocks,) float32
+    scaled = blocks * (1.0 / absmax.clamp(min=TINY)).unsqueeze(1)       # float32
     return scaled.clamp_(-1.0, 1.0), absmax
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of the sorted `code`; exactly on a midpoint -> the lower index.
+    """Index (uint8) of the nearest entry of the sorted `code`: the number of midpoints
+    strictly below each value, so exactly on a midpoint -> the lower index. torch.bucketize
+    counts them by binary search; for a code of a few entries (4-bit) a lookup on a grid of
+    cells (_grid) gives the same count in a few branch-free passes.
 
     >>> nearest_code(torch.tensor([0.25, -1.0, 1.0, 0.5]), torch.tensor([-1.0, 0.0, 1.0])).tolist()
     [1, 0, 2, 1]
     """
     code = code.to(scaled.device, torch.float32)
     midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, midpoints)  # counts midpoints strictly below each value
+    grid = _grid(tuple(midpoints.tolist()), scaled.device)
+    if grid is None:                           # midpoints too close together for the grid
+        return torch.bucketize(scaled, midpoints).to(torch.uint8)  # <= 256 entries: fits
+    bins, below, edge = grid
+    flat = scaled.reshape(-1)
+    cell = _cell(flat, bins).int()                                      # which cell s falls in
+    above = flat > edge.index_select(0, cell)                # s above its own cell's midpoint
+    return below.index_select(0, cell).add_(above).view(scaled.shape)   # uint8
+
+
+def _cell(s: torch.Tensor, bins: int) -> torch.Tensor:
+    """bins + s * bins, kept in [0, 2 * bins] (NaN goes to the top, where bucketize puts it):
+    non-decreasing in s, so a midpoint in a lower cell than s is below s, in a higher one above."""
+    b = torch.tensor(float(bins), device=s.device)
+    return torch.addcmul(b, s, b).nan_to_num_(nan=2.0 * bins).clamp_(0, 2 * bins)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(midpoints: tuple, device: torch.device):
+    """nearest_code's lookup tables for these midpoints: split [-1, 1] into cells of width
+    1/bins, with bins the smallest power of two (up to 4096) that leaves at most one midpoint in
+    each cell. Then q = below[cell] + (s > edge[cell]): below = the midpoints in lower cells,
+    edge = the cell's own midpoint (+inf if none). Exact, branch-free, and ~5x faster on a CPU
+    than bucketize's binary search. None if no grid separates the midpoints (DYNAMIC's)."""
+    m = torch.tensor(midpoints, dtype=torch.float32, device=device)
+    for bins in (2 ** k for k in range(4, 13)):
+        cells = _cell(m, bins).long()                                    # each midpoint's cell
+        if len(cells) == len(set(cells.tolist())) and (cells < 2 * bins).all():
+            edge = torch.full((2 * bins + 1,), float("inf"), device=device).index_put_((cells,), m)
+            below = torch.searchsorted(cells, torch.arange(2 * bins + 1, device=device))
+            return bins, below.to(torch.uint8), edge
+    return None
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64

@@ -24,7 +24,6 @@ absmax (64,), quant_map (16,), nested_absmax (1,), nested_quant_map (256,), the 
 import os
 import tempfile
 
-import torch
 from torch import nn
 
 from .linear4bit import Linear4bit

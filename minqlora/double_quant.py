@@ -26,7 +26,7 @@ the bytes and constants travel together is quant_state.py's business.
 import torch
 
 from ._checks import check_blocksize, check_float
-from .blockwise import ceil_div, dequantize_blockwise, quantize_blockwise
+from .blockwise import blocks_of, ceil_div, dequantize_blockwise, quantize_blockwise
 
 BLOCKSIZE2 = 256  # absmaxes per absmax2: the second level's blocksize
 
@@ -73,7 +73,16 @@ def double_dequantize(qabsmax, absmax2, offset, blocksize: int = BLOCKSIZE2,
     ...                   torch.tensor(2.0)).tolist()      # DYNAMIC[0] = -0.99297
     [1.0070312023162842, 2.0, 3.0]
     """
-    return dequantize_blockwise(qabsmax, absmax2, code, blocksize) + offset
+    check_blocksize(blocksize, "dequantize_blockwise")
+    n = qabsmax.numel()
+    if (qabsmax.dtype != torch.uint8 or code.numel() < 256            # an index could miss
+            or absmax2.numel() != ceil_div(n, blocksize)):              # or a count is wrong:
+        return dequantize_blockwise(qabsmax, absmax2, code, blocksize) + offset  # it says why
+    # Every byte indexes the 256-value code, so nothing needs checking on the device: no
+    # device-to-host sync, which a layer's forward pass (and torch.compile) needs.
+    values = code.to(qabsmax.device, torch.float32)[qabsmax.reshape(-1).long()]   # (n,)
+    scaled = blocks_of(values, blocksize) * absmax2.float().reshape(-1, 1)  # dequantize_blockwise's
+    return scaled.reshape(-1)[:n].reshape(qabsmax.shape) + offset          # float32 product
 
 
 def constants_nbytes(n: int, blocksize: int = 64, double_quant: bool = True,

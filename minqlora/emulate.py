@@ -44,6 +44,8 @@ CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-
             "-pthread"] + (["-Wl,-z,defs"] if sys.platform.startswith("linux") else [])
 TLS_DESC = ["-mtls-dialect=gnu2"] if platform.machine().lower() in ("x86_64", "amd64") else []
 _BUILT = {}                                 # (source texts, $CXX) -> library
+MIN_BLOCKS = 32  # grid blocks (8192 weights each) per CPU thread at least: starting a thread
+                 # costs tens of microseconds, more than decoding a small weight
 
 
 class EmulationUnavailable(RuntimeError):
@@ -65,6 +67,18 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
         lib = cache_dir() / f"dequant_emulate_{key.hexdigest()[:16]}.so"
         _BUILT[texts] = _load(lib) if _verified(lib) else _build(cxx, files, lib)
     return _BUILT[texts]
+
+
+def find_compiler():
+    """The C++ compiler command as one string, or None when there is none ($CXX unset and no
+    c++, g++, clang++ on the PATH: then backend="auto" does not pick the emulation). A $CXX
+    that names no program raises: it was asked for."""
+    try:
+        return shlex.join(compiler())
+    except EmulationUnavailable:
+        if os.environ.get("CXX"):
+            raise
+        return None
 
 
 def compiler() -> list:
@@ -142,7 +156,8 @@ def cache_dir() -> Path:
 
 def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:
     """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16): every
-    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's).
+    (block, thread) of the grid, the blocks split over n_workers threads (default: torch's
+    thread count, but no more threads than MIN_BLOCKS-block shares).
 
     Worked example (test_golden_plain in tests/test_emulate.py runs it; not a doctest, because a
     machine without a C++ compiler must be able to skip it): bytes [0x0F, 0x70], NF4, one
@@ -155,6 +170,7 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
     blocks, threads = grid(n, source)
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(build_emulation(source), f"launch_{name}")
-    run(ctypes.c_longlong(blocks), ctypes.c_int(threads),
-        ctypes.c_int(n_workers or torch.get_num_threads()), *pointers,
+    if not n_workers:                   # torch's threads, each with MIN_BLOCKS blocks at least
+        n_workers = min(torch.get_num_threads(), max(1, blocks // MIN_BLOCKS))
+    run(ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers), *pointers,
         ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))

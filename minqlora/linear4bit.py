@@ -25,14 +25,21 @@ Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
                dx = dy @ W                dbias = dy summed over tokens (if bias trains)
                no dW: the base weight is frozen; only LoRA's adapters learn
 
+On a CPU, dx for a 16-bit compute_dtype is computed in float32 (forward's W and dy widened
+exactly, one float32 matmul, rounded once to compute_dtype): torch's CPU matmul in bf16 / fp16
+for this operand layout (W not transposed) is a plain loop without native bf16 hardware,
+0.1-0.5 GFLOP/s against tens in float32, which made it 90% of a training step. The float32
+product is also the exact one rounded once; forward keeps F.linear in compute_dtype.
+
 Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 KiB absmax2
 + 4 B offset: 4.127 bits per parameter instead of bf16's 16, and its 32 MiB bf16 copy lives
 only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_dtype and
 returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
 Left to other modules: the storage format (quant_state.py), the dequantize backend
-(backends.py: "auto" picks the torch path on a CPU and the CUDA kernel for CUDA tensors with
-CuPy), the adapters (lora.py) and whole-model conversion (qlora.py).
+(backends.py: layer.backend = "auto" picks the CUDA kernel for CUDA tensors with CuPy, its CPU
+emulation on Linux with a C++ compiler, else the torch path; set "torch", "emulate" or "cuda" to
+choose), the adapters (lora.py) and whole-model conversion (qlora.py).
 """
 from typing import NamedTuple
 
@@ -46,11 +53,13 @@ from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
 class Layout(NamedTuple):
-    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd)."""
+    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd), and
+    the dequantize backend its passes use."""
     shape: torch.Size
     blocksize: int
     quant_type: str
     dtype: torch.dtype
+    backend: str = "auto"
 
     def state(self, absmax, code, absmax2=None, offset=None) -> QuantState:
         """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
@@ -68,7 +77,7 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, layout, packed, *constants):
         ctx.layout = layout
         ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, layout.state(*constants), dtype=x.dtype)
+        weight = dequantize_4bit(packed, layout.state(*constants), x.dtype, layout.backend)
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
@@ -76,8 +85,13 @@ class Linear4bitFunction(torch.autograd.Function):
         packed, *constants = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants), grad_out.dtype)
-            grad_x = grad_out @ weight                          # (..., out) @ (out, in)
+            dtype = grad_out.dtype                              # forward's W, bit for bit
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants), dtype,
+                                     ctx.layout.backend)
+            if grad_out.device.type == "cpu" and dtype.itemsize < 4:   # in float32 (see above)
+                grad_x = (grad_out.float() @ weight.float()).to(dtype)
+            else:
+                grad_x = grad_out @ weight                      # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         return (grad_x, grad_bias) + (None,) * (2 + len(constants))
@@ -95,6 +109,8 @@ class Linear4bit(nn.Module):
     >>> layer(torch.randn(2, 128)).dtype            # computed in bf16, returned as the input
     torch.float32
     """
+
+    backend = "auto"    # dequantize_4bit's backend in forward and backward (backends.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
@@ -157,7 +173,7 @@ class Linear4bit(nn.Module):
     @property
     def layout(self) -> Layout:
         shape = torch.Size([self.out_features, self.in_features])
-        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype)
+        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype, self.backend)
 
     def quant_state(self) -> QuantState:
         """The QuantState of the stored weight, made of the layer's buffers."""
@@ -165,7 +181,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
-        return dequantize_4bit(self.weight_packed, self.quant_state(), dtype=dtype)
+        return dequantize_4bit(self.weight_packed, self.quant_state(), dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "Linear4bit")

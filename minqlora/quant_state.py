@@ -2,7 +2,8 @@
 
     quantize_4bit:  absmax per block -> s = x * (1/absmax) -> index of the nearest code entry
                     -> two indices per byte, element 0 in the high nibble (lessons 02, 03);
-                    the absmaxes double quantized (double_quant.py) unless double_quant=False
+                    the absmaxes double quantized (double_quant.py) unless double_quant=False;
+                    done CHUNK values at a time, so a big weight's temporaries stay in cache
     decode_4bit:    x_hat = code[index] * absmax[block], in float32, cast once to the dtype
 
 QuantState holds everything but the bytes, laid out like bitsandbytes' QuantState: absmax
@@ -17,7 +18,6 @@ odd count is padded with the code of 0: bytes 0xC0 0x77, decoded [0.4407, -1.0, 
 decode_4bit is the format's definition, built from lessons 02 and 03 alone. mq.dequantize_4bit
 (backends.py, lesson 05) gives the same bits faster, on the backend of your choice.
 """
-import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -27,6 +27,8 @@ from ._checks import check_blocksize, check_code, check_dtype, check_float
 from .blockwise import ceil_div, dequantize_blockwise, nearest_code, scale_blocks
 from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantize
 from .nf4 import get_code, pack_4bit, unpack_4bit
+
+CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the CPU's cache
 
 
 @dataclass(eq=False)
@@ -101,9 +103,13 @@ def _same_bytes(a, b) -> bool:
         *(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)))
 
 
-@functools.lru_cache(maxsize=None)
+_DYNAMIC_ON = {}     # one copy per device (never DYNAMIC itself), not one per forward pass
+
+
 def _dynamic_on(device: torch.device) -> torch.Tensor:
-    return DYNAMIC.to(device, copy=True)    # one copy per device (never DYNAMIC itself)
+    if device not in _DYNAMIC_ON:        # a plain dict, not lru_cache: torch.compile reads it
+        _DYNAMIC_ON[device] = DYNAMIC.to(device, copy=True)
+    return _DYNAMIC_ON[device]
 
 
 def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None) -> QuantState:
@@ -182,7 +188,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     >>> [hex(b) for b in packed.tolist()], state.absmax.tolist()
     (['0xc0', '0x77'], [1.0])
     """
-    check_float(x, "quantize_4bit")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not x.sum().isfinite():
+        check_float(x, "quantize_4bit")    # a finite sum is the cheap screen; this counts
     check_blocksize(blocksize, "quantize_4bit")
     if code is None:                                       # the state's own copy of the table
         code = get_code(quant_type).to(x.device, copy=True)
@@ -190,10 +197,19 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         check_code(code, "quantize_4bit", most=16, increasing=False)
         code, quant_type = code.to(x.device, torch.float32), "custom"
     sorted_code, index_of = torch.sort(code, stable=True)  # FP4's table is in bit order, unsorted
-    n = x.numel()
-    scaled, absmax = scale_blocks(x, blocksize)            # (n_blocks, blocksize), (n_blocks,)
-    scaled = scaled.reshape(-1)[: n + n % 2]                # odd n: keep one zero pad value
-    indices = index_of[nearest_code(scaled, sorted_code)]  # sorted position -> index into code
+    in_order = torch.equal(index_of, torch.arange(code.numel(), device=x.device))   # NF4, INT4
+    n, flat = x.numel(), x.reshape(-1)
+    absmax = torch.empty(ceil_div(n, blocksize), dtype=torch.float32, device=x.device)
+    packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=x.device)
+    step = max(1, CHUNK // blocksize)           # whole blocks per chunk; every chunk but the
+    for b in range(0, absmax.numel(), step):    # last holds an even number of values
+        first, last = b * blocksize, min((b + step) * blocksize, n)
+        scaled, absmax[b:b + step] = scale_blocks(flat[first:last], blocksize)
+        scaled = scaled.reshape(-1)[: last - first + (last - first) % 2]  # odd n: one zero pad
+        indices = nearest_code(scaled, sorted_code)     # position in the sorted code, uint8
+        if not in_order:                                # -> index into code
+            indices = index_of[indices.long()]
+        packed[first // 2: ceil_div(last, 2)] = pack_4bit(indices)
     state = QuantState(absmax=absmax, code=code, blocksize=blocksize, shape=x.shape,
                        dtype=x.dtype, quant_type=quant_type)
     if double_quant:
@@ -205,7 +221,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
             raise ValueError("quantize_4bit: absmaxes this close to float32's maximum "
                              f"({absmax.max().item():.4g}) overflow when double quantized; "
                              "use double_quant=False or scale the tensor down")
-    return pack_4bit(indices), state
+    return packed, state
 
 
 def decode_4bit(packed: torch.Tensor, state: QuantState, dtype=None) -> torch.Tensor:

@@ -56,11 +56,54 @@ def test_a_custom_code_decodes_unchanged_on_every_backend(backend, request):
                 (code[:, None] * state.absmax_fp32()[None, :]).to(dtype).float().flatten().tolist())
 
 
-def test_auto_is_torch_on_cpu(monkeypatch):
+def _record_launches(monkeypatch):
+    """Replace the three launchers by recorders (each still decodes, through the torch path)."""
+    ran = []
+    for name in ("decode_in_chunks", "launch_emulation", "launch_cuda"):
+        def launcher(packed, state, out, name=name):
+            ran.append(name)
+            decode_in_chunks(packed, state, out)
+        monkeypatch.setattr(backends, name, launcher)
+    return ran
+
+
+def test_auto_on_cpu_is_the_emulation_where_a_compiler_is_found(monkeypatch):
+    """Linux + a C++ compiler: the kernel's emulation; no compiler, or not Linux: torch. The
+    choice depends only on what is installed (auto_backend says it), never on what failed."""
     packed, state = quantize_4bit(torch.randn(10))
-    monkeypatch.setattr(backends, "launch_emulation", lambda *a: pytest.fail("auto ran the kernel"))
-    monkeypatch.setattr(backends, "launch_cuda", lambda *a: pytest.fail("auto ran the kernel"))
-    assert torch.equal(dequantize_4bit(packed, state), decode_4bit(packed, state))
+    ran = _record_launches(monkeypatch)
+    for found, platform, want in ((True, "linux", "launch_emulation"),
+                                  (False, "linux", "decode_in_chunks"),
+                                  (True, "darwin", "decode_in_chunks")):
+        monkeypatch.setattr(backends, "_has_compiler", lambda found=found: found)
+        monkeypatch.setattr(backends.sys, "platform", platform)
+        assert backends.auto_backend("cpu") == {"launch_emulation": "emulate"}.get(want, "torch")
+        assert torch.equal(dequantize_4bit(packed, state), decode_4bit(packed, state))
+        assert ran.pop() == want and not ran
+
+
+def test_auto_on_cuda_needs_cupy_and_tracing_is_always_torch(monkeypatch):
+    monkeypatch.setattr(backends, "_has_compiler", lambda: True)
+    monkeypatch.setattr(backends, "cupy_or_none", lambda: object())
+    assert backends.auto_backend(torch.device("cuda", 0)) == "cuda"
+    monkeypatch.setattr(backends, "cupy_or_none", lambda: None)
+    assert backends.auto_backend("cuda") == "torch" == backends.auto_backend("meta")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # inside torch.compile
+    assert backends.auto_backend("cpu") == "torch"
+
+
+def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
+    """A compiler that is there but cannot build the kernel is an error, not a quiet switch."""
+    packed, state = quantize_4bit(torch.randn(10))
+    monkeypatch.setattr(backends, "_has_compiler", lambda: True)
+    monkeypatch.setattr(backends.sys, "platform", "linux")
+
+    def broken(*args):
+        raise RuntimeError("building the kernel emulation with g++ failed")
+    monkeypatch.setattr(backends, "launch_emulation", broken)
+    monkeypatch.setattr(backends, "decode_in_chunks", lambda *a: pytest.fail("fell back"))
+    with pytest.raises(RuntimeError, match="building the kernel emulation"):
+        dequantize_4bit(packed, state)
 
 
 def test_every_backend_validates_the_state_the_same_way(monkeypatch):
@@ -102,3 +145,16 @@ def test_emulate_needs_cpu_tensors():
     packed, state = quantize_4bit(torch.randn(10))
     with pytest.raises(ValueError, match="backend='emulate'\\): needs CPU tensors, got meta"):
         dequantize_4bit(packed.to("meta"), state.to("meta"), backend="emulate")
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulate"])
+def test_a_big_output_asked_for_huge_pages_holds_the_same_bits(backend, request):
+    """Outputs of 8 MiB and more get the MADV_HUGEPAGE hint (on Linux): a hint, same values."""
+    if backend == "emulate":
+        request.getfixturevalue("emulation")
+    out = backends.empty_output(3 * backends.HUGE_PAGE + 5, torch.float32, "cpu")
+    assert out.shape == (3 * backends.HUGE_PAGE + 5,) and out.dtype == torch.float32
+    packed, state = quantize_4bit(gaussian((1500, 1401), seed=3).bfloat16())   # 8.0 MiB of fp32
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize_4bit(packed, state, dtype, backend=backend)
+        assert torch.equal(bits(got), bits(decode_4bit(packed, state, dtype)))

@@ -4,9 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from minqlora.blockwise import TINY, ceil_div, dequantize_blockwise, quantize_blockwise
+from minqlora import blockwise
+from minqlora.blockwise import (TINY, ceil_div, dequantize_blockwise, nearest_code,
+                                quantize_blockwise, scale_blocks)
 from minqlora.double_quant import DYNAMIC
-from minqlora.nf4 import INT4, NF4
+from minqlora.nf4 import CODES, INT4, NF4
 
 TERNARY = torch.tensor([-1.0, 0.0, 1.0])  # midpoints -0.5 and 0.5
 
@@ -136,3 +138,58 @@ def test_indices_must_be_integers_inside_the_code():
         dequantize_blockwise(torch.tensor([0, 1]), 2.0, TERNARY, 2)
     q = torch.tensor([0, 2], dtype=torch.int64)                        # any integer dtype works
     assert dequantize_blockwise(q, absmax, TERNARY, 2).tolist() == [-2.0, 2.0]
+
+
+def _midpoints(code):
+    return (code[:-1] + code[1:]) / 2
+
+
+SORTED_4BIT = {name: c.sort().values for name, c in CODES.items()}   # FP4's has -0.0 and 0.0
+
+
+@pytest.mark.parametrize("name", sorted(SORTED_4BIT))
+def test_nearest_code_on_the_grid_counts_as_bucketize_on_every_edge(name):
+    """The grid (4-bit codes) against torch.bucketize: on each midpoint, one float either side,
+    the codes, +-0, +-1, beyond [-1, 1], +-inf and NaN (bucketize puts NaN above every midpoint)."""
+    code = SORTED_4BIT[name]
+    mid = _midpoints(code)
+    assert blockwise._grid(tuple(mid.tolist()), mid.device) is not None      # the grid is used
+    inf = torch.tensor(float("inf"))
+    s = torch.cat([mid, torch.nextafter(mid, inf), torch.nextafter(mid, -inf), code,
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 1e-45, -1e-45, 3e38, -3e38,
+                                 float("inf"), float("-inf"), float("nan")])])
+    got = nearest_code(s, code)
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), torch.bucketize(s, mid))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays("float32", st.integers(2, 16), elements=st.floats(-1, 1, width=32)),
+       arrays("float32", st.integers(0, 300), elements=st.floats(width=32, allow_nan=True)))
+def test_nearest_code_equals_bucketize_for_any_code_and_any_value(code, values):
+    """Any sorted code of 2..16 entries (repeats and near-repeats too: then the grid cannot
+    separate them and bucketize runs), any float32 value."""
+    code = torch.from_numpy(code).sort().values
+    s = torch.from_numpy(values)
+    assert torch.equal(nearest_code(s, code).long(), torch.bucketize(s, _midpoints(code)))
+
+
+def test_dynamic_code_is_too_fine_for_the_grid_and_uses_bucketize():
+    mid = _midpoints(DYNAMIC)
+    assert blockwise._grid(tuple(mid.tolist()), mid.device) is None
+    s = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.linspace(-1, 1, 999)])
+    assert torch.equal(nearest_code(s, DYNAMIC).long(), torch.bucketize(s, mid))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_scale_blocks_equals_scaling_in_float32(dtype):
+    """16-bit input is scaled without a float32 copy first: same absmax, same s, bit for bit."""
+    x = (torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 5).to(dtype)
+    x[64:128] = 0.0
+    x[128:192] = torch.tensor(1e-40).to(dtype)          # subnormal in float32 / rounds in fp16
+    scaled, absmax = scale_blocks(x, 64)
+    blocks = blockwise.blocks_of(x.float(), 64)          # the recipe written out in float32
+    want_absmax = blocks.abs().amax(dim=1)
+    want = (blocks * (1.0 / want_absmax.clamp(min=TINY))[:, None]).clamp(-1, 1)
+    assert scaled.dtype == absmax.dtype == torch.float32
+    assert torch.equal(absmax.view(torch.int32), want_absmax.view(torch.int32))
+    assert torch.equal(scaled.view(torch.int32), want.view(torch.int32))

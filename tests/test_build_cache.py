@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minqlora import emulate, launch
+from minqlora import emulate
 from minqlora.backends import dequantize_4bit
 from minqlora.quant_state import decode_4bit, quantize_4bit
 

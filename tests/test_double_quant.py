@@ -3,7 +3,7 @@ import pytest
 import torch
 from helpers import gaussian
 
-from minqlora.blockwise import ceil_div
+from minqlora.blockwise import ceil_div, dequantize_blockwise
 from minqlora.double_quant import (BLOCKSIZE2, DYNAMIC, constants_nbytes, double_dequantize,
                                    double_quantize, dynamic_code)
 
@@ -70,3 +70,17 @@ def test_constants_nbytes_refuses_bad_sizes(kwargs, match):
     ZeroDivisionError."""
     with pytest.raises(ValueError, match=match):
         constants_nbytes(**{"n": 4096, **kwargs})
+
+
+def test_double_dequantize_reads_every_byte_unchecked_with_the_checked_bits():
+    """Bytes into the 256-value code cannot miss it, so the decode skips the index check (a
+    host sync) and gives dequantize_blockwise's bits: every byte value, a partial last block."""
+    qabsmax = torch.arange(1000).remainder(256).to(torch.uint8).flip(0)
+    absmax2, offset = gaussian((4,), seed=2).abs() + 0.1, torch.tensor(0.37)
+    got = double_dequantize(qabsmax, absmax2, offset)
+    want = dequantize_blockwise(qabsmax, absmax2, DYNAMIC, BLOCKSIZE2) + offset
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    with pytest.raises(ValueError, match="expected 4 absmax values for 1000 values"):
+        double_dequantize(qabsmax, absmax2[:3], offset)              # still checked, and said
+    with pytest.raises(ValueError, match="index 255 is outside the 255-entry code"):
+        double_dequantize(qabsmax, absmax2, offset, code=DYNAMIC[:255])   # a code bytes can miss

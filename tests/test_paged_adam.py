@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
 from minqlora.paged_adam import PagedAdamW
 from minqlora.pager import OutOfBudget, Pager

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from minqlora.double_quant import DYNAMIC
-from minqlora.nf4 import CODES, FP4, INT4, NF4, get_code, unpack_4bit
+from minqlora.nf4 import CODES, NF4, get_code, unpack_4bit
 from minqlora.quant_state import (QuantState, absmax_state, check_state, decode_4bit,
                                   quantize_4bit)
 
@@ -458,3 +458,53 @@ def test_quant_state_equality_is_format_and_bytes():
     assert a.to("meta") != b.to("meta")                               # no bytes to compare
     with pytest.raises(TypeError, match="unhashable"):
         hash(a)
+
+
+def quantize_step_by_step(x, blocksize, code):
+    """quantize_4bit's bytes and float32 absmax as lessons 02-03 write them, in one piece:
+    absmax, s = clamp(x * (1/absmax), -1, 1), bucketize on the sorted code's midpoints, back to
+    code order, pack (the library's chunks and its grid lookup must give exactly this)."""
+    flat = x.reshape(-1).float()
+    n, pad = flat.numel(), -flat.numel() % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    s = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    sorted_code, index_of = torch.sort(code, stable=True)
+    q = index_of[torch.bucketize(s[: n + n % 2], (sorted_code[:-1] + sorted_code[1:]) / 2)]
+    return ((q[0::2] << 4) | q[1::2]).to(torch.uint8), absmax
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 3000), log2_bs=st.integers(1, 12), quant_type=st.sampled_from(list(CODES)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       on_midpoints=st.booleans())
+def test_quantize_4bit_gives_the_step_by_step_bytes(n, log2_bs, quant_type, dtype, on_midpoints):
+    """Random weights, or weights that sit exactly on the code's midpoints (times a block's
+    absmax of 1), in every input dtype, every blocksize and code, odd and partial sizes."""
+    code = get_code(quant_type)
+    x = gaussian((n,), seed=n) * 3
+    if on_midpoints and n:
+        c = code.sort().values
+        edges = torch.cat([(c[:-1] + c[1:]) / 2, torch.tensor([1.0])])
+        x = edges[torch.arange(n) % edges.numel()]
+    x = x.to(dtype)
+    packed, state = quantize_4bit(x, 2 ** log2_bs, quant_type, double_quant=False)
+    want_packed, want_absmax = quantize_step_by_step(x, 2 ** log2_bs, code)
+    assert torch.equal(packed, want_packed)
+    assert torch.equal(state.absmax.view(torch.int32), want_absmax.view(torch.int32))
+
+
+def test_quantize_4bit_is_the_same_in_chunks_as_in_one_piece(monkeypatch):
+    """CHUNK values per step: many chunks plus a partial one, a partial last block, an odd
+    count, a blocksize larger than a chunk, FP4's unsorted table; double quantization too."""
+    from minqlora import quant_state
+    x = gaussian((7, 333), seed=5).bfloat16()
+    for blocksize, quant_type in ((64, "nf4"), (64, "fp4"), (1024, "int4"), (2, "nf4")):
+        whole = quantize_4bit(x, blocksize, quant_type)
+        monkeypatch.setattr(quant_state, "CHUNK", 256)
+        chunked = quantize_4bit(x, blocksize, quant_type)
+        monkeypatch.undo()
+        assert torch.equal(chunked[0], whole[0])
+        for name in ("absmax", "offset"):
+            assert torch.equal(getattr(chunked[1], name), getattr(whole[1], name))
+        assert torch.equal(chunked[1].state2.absmax, whole[1].state2.absmax)

@@ -1,11 +1,16 @@
 """`python -m minqlora bench`: speed checks, one small module per lesson's hot path.
 
-Each section module has `run(quick: bool) -> None` that prints a table; ratios come from one
-run on this machine, so read them as "about", not as a contract. Optional references
+Each section module has `run(quick: bool)` that prints a table and may return its goals,
+{goal: (goal ratio, {threads: measured ratio})}, which run_bench sums up at the end; ratios come
+from one run on this machine, so read them as "about", not as a contract. Optional references
 (bitsandbytes, torchao) are imported inside the sections, guarded, never by the library.
 """
+import contextlib
 import importlib
+import os
 import time
+
+import torch
 
 SECTIONS = ("quant", "kernel", "lora", "paged", "limit")
 
@@ -22,11 +27,11 @@ def best_time(fn, repeat: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
-def interleaved_best(cases: dict, rounds: int = 7) -> dict:
+def interleaved_best(cases: dict, rounds: int = 7, warmup: bool = True) -> dict:
     """{name: best seconds} of each zero-argument function, over `rounds` rounds in which every
-    case runs once (after one untimed warmup each). Interleaving means a busy machine slows all
-    cases alike, so their ratios stay meaningful."""
-    for fn in cases.values():
+    case runs once (after one untimed warmup each, unless warmup=False: for cases of seconds).
+    Interleaving means a busy machine slows all cases alike, so their ratios stay meaningful."""
+    for fn in cases.values() if warmup else ():
         fn()
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(rounds):
@@ -56,11 +61,34 @@ def optional(module: str):
         return None
 
 
+def thread_counts() -> list:
+    """All of torch's threads, then one (which a busy, shared machine disturbs least)."""
+    return list(dict.fromkeys((torch.get_num_threads(), 1)))
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch.set_num_threads(n) inside the block, the old count after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load() -> str:
+    """The machine's 1-minute load average beside its CPU count (a busy machine: noisier)."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
 def run_bench(sections=None, quick: bool = False) -> None:
     """Run the named sections (default: all of SECTIONS), checked before any runs."""
     unknown = [name for name in sections or () if name not in SECTIONS]
     if unknown:
         raise ValueError(f"run_bench: unknown section(s) {unknown}; choose from {SECTIONS}")
+    print(f"[bench] {load()}, torch threads {torch.get_num_threads()}")
+    goals = {}
     for name in sections or SECTIONS:
         try:
             section = importlib.import_module(f"minqlora.bench.{name}")
@@ -69,4 +97,11 @@ def run_bench(sections=None, quick: bool = False) -> None:
                 raise
             print(f"\n[{name}] not built yet")
             continue
-        section.run(quick=quick)
+        goals.update(section.run(quick=quick) or {})
+    if goals:
+        counts = sorted({n for _, measured in goals.values() for n in measured}, reverse=True)
+        rows = [[name] + [f"{measured[n]:.2f}x" if n in measured else "-" for n in counts]
+                + [f"<= {goal:.1f}x", "met" if all(r <= goal for r in measured.values())
+                   else "NOT met"] for name, (goal, measured) in goals.items()]
+        print_table(f"[goals] minqlora's time / the reference's, same run ({load()} at the end)",
+                    ["goal", *[f"threads={n}" for n in counts], "goal", ""], rows)

@@ -1,8 +1,13 @@
 """bench section `kernel`: the 4-bit dequantization kernel (lesson 05) beside its references.
 
-CPU: kernels/dequant_nf4.cu run by the CPU emulation, the torch path, and bitsandbytes' CPU
-dequantize_4bit, on a 4096x4096 NF4 weight (double quantized, as QLoRA stores it, and plain).
-Goal: the emulation within 3x of bitsandbytes.
+CPU: each backend by name (the torch path; kernels/dequant_nf4.cu run by the CPU emulation;
+"cuda" needs a GPU) and bitsandbytes' CPU dequantize_4bit, on a 4096x4096 NF4 weight (double
+quantized, as QLoRA stores it, and plain) into bf16 and fp32, on all threads and on one. The
+row of the backend that backend="auto" picks here is marked. Memory traffic = (bytes read +
+bytes written) / time, beside a copy of as many bytes in the same run: torch.empty_like(src)
+.copy_(src) (a new tensor, as a decode returns: its first writes fault its pages in) and a copy
+into an existing tensor (the memory's own speed). Then the time per million weights from 1M to
+64M (--quick: 1M to 4M), to show that the cost grows linearly. Goal: auto <= 1.0x bitsandbytes.
 GPU (only where CUDA is available): the kernel through CuPy, the torch path and bitsandbytes,
 as effective bandwidth = (bytes read + bytes written) / time and its fraction of the device's
 peak (memory clock x bus width from the CUDA runtime), for 4096x4096 and 8192x8192.
@@ -11,7 +16,8 @@ Goal: the kernel at >= 70% of peak and at least as fast as bitsandbytes.
 import torch
 
 import minqlora as mq
-from minqlora.bench import interleaved_best, optional, print_table
+from minqlora.backends import auto_backend
+from minqlora.bench import interleaved_best, optional, print_table, thread_counts, threads
 from minqlora.double_quant import constants_nbytes
 from minqlora.emulate import EmulationUnavailable, build_emulation
 
@@ -31,39 +37,95 @@ def _bnb_pair(bnb, w, nested):
     return lambda: bnb.functional.dequantize_4bit(packed, state)
 
 
-def run_cpu(quick: bool = False) -> None:
-    bnb, repeat = optional("bitsandbytes"), 3 if quick else 7
-    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+def _cases(w, nested, dtype, bnb, emulate):
+    """{row name: fn} decoding w's NF4 bytes into dtype, plus the two copies of as many bytes."""
+    packed, state = mq.quantize_4bit(w.to(dtype), 64, double_quant=nested)
+    auto = auto_backend(packed.device)
+    fns = {}
+    for backend in ("torch",) + (("emulate",) if emulate else ()):
+        name = backend + (" (= auto)" if backend == auto else "")
+        fns[name] = lambda b=backend: mq.dequantize_4bit(packed, state, backend=b)
+    if bnb is not None:
+        fns["bitsandbytes"] = _bnb_pair(bnb, w.to(dtype), nested)
+    src = torch.ones(traffic(w.numel(), nested, dtype) // 2, dtype=torch.uint8)   # read + write
+    dst = torch.empty_like(src)                                                  # as many bytes
+    fns["copy, new tensor"] = lambda: torch.empty_like(src).copy_(src)
+    fns["copy, existing tensor"] = lambda: dst.copy_(src)
+    return fns
+
+
+def run_cpu(quick: bool = False) -> dict:
+    bnb, rounds, size = optional("bitsandbytes"), 3 if quick else 7, 1024 if quick else 4096
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     try:
         build_emulation()
         emulate = True
     except EmulationUnavailable as e:
         print(f"\n[kernel] emulation skipped: {e}")
         emulate = False
-    rows, worst = [], 0.0
-    for nested in (True, False):
-        for dtype in (torch.bfloat16, torch.float32):
-            packed, state = mq.quantize_4bit(w.to(dtype), 64, double_quant=nested)
-            fns = {"torch": lambda: mq.dequantize_4bit(packed, state, backend="torch")}
-            if emulate:
-                fns["emulate (.cu on CPU)"] = lambda: mq.dequantize_4bit(packed, state,
-                                                                         backend="emulate")
-            if bnb is not None:
-                fns["bitsandbytes"] = _bnb_pair(bnb, w.to(dtype), nested)
-            times = interleaved_best(fns, rounds=repeat)
-            ref = times.get("bitsandbytes")
-            if ref and emulate:
-                worst = max(worst, times["emulate (.cu on CPU)"] / ref)
-            for name, t in times.items():
-                rows.append([name, "nested" if nested else "plain", str(dtype)[6:],
-                             f"{t * 1e3:.1f}",
-                             f"{traffic(w.numel(), nested, dtype) / t / 1e9:.2f}",
-                             f"{t / ref:.2f}x" if ref else "-"])
-    print_table(f"kernel (CPU, {torch.get_num_threads()} threads): dequantize 4096x4096 NF4",
-                ["backend", "absmax", "out", "ms", "GB/s", "time / bnb"], rows)
-    if worst:
-        print(f"[kernel] goal: emulation within 3x of bitsandbytes on the CPU: "
-              f"{'met' if worst <= 3 else 'NOT met'} (worst {worst:.2f}x)")
+    auto = auto_backend(w.device)
+    rows, ratios, bandwidth = [], {}, {}
+    for n in thread_counts():
+        for nested in (True, False):
+            for dtype in (torch.bfloat16, torch.float32):
+                with threads(n):
+                    times = interleaved_best(_cases(w, nested, dtype, bnb, emulate), rounds)
+                moved, ref = traffic(w.numel(), nested, dtype), times.get("bitsandbytes")
+                mine = next(t for name, t in times.items() if name.endswith("(= auto)"))
+                if ref:
+                    ratios[n] = max(ratios.get(n, 0.0), mine / ref)
+                if nested and dtype == torch.bfloat16:
+                    bandwidth[n] = [moved / t for t in (mine, times["copy, new tensor"],
+                                                        times["copy, existing tensor"])]
+                for name, t in times.items():
+                    rows.append([n, name, "nested" if nested else "plain", str(dtype)[6:],
+                                 f"{t * 1e3:.2f}", f"{moved / t / 1e9:.1f}",
+                                 f"{times['copy, new tensor'] / t:.2f}",
+                                 f"{t / ref:.2f}x" if ref else "-"])
+    print_table(f"kernel (CPU): dequantize {size}x{size} NF4, best of {rounds} interleaved "
+                f"rounds; auto = {auto}; GB/s = (bytes read + written) / time",
+                ["threads", "backend", "absmax", "out", "ms", "GB/s", "x copy speed",
+                 "time / bnb"], rows)
+    print('[kernel] backend "cuda" needs a CUDA GPU (the GPU section below)')
+    for n, (mine, fresh, existing) in bandwidth.items():
+        print(f"[kernel] threads={n}: dequantize (auto, nested, bf16) moves {mine / 1e9:.1f} "
+              f"GB/s: {mine / fresh:.2f}x a copy of as many bytes into a new tensor "
+              f"({fresh / 1e9:.1f} GB/s), {mine / existing:.2f}x one into an existing tensor "
+              f"({existing / 1e9:.1f} GB/s)")
+    return {f"dequantize {size}x{size}, worst of nested/plain x bf16/fp32 (auto vs bnb)":
+            (1.0, ratios)} if ratios else {}
+
+
+def run_sizes(quick: bool = False) -> dict:
+    """Dequantize time per million weights, 1M .. 64M weights (NF4 nested -> bf16)."""
+    bnb = optional("bitsandbytes")
+    sizes = [1 << k for k in range(20, 23 if quick else 27)]
+    gen = torch.Generator().manual_seed(0)
+    auto, rows, ratios = None, [], {}
+    for numel in sizes:
+        w = torch.randn(numel // 4096, 4096, generator=gen).bfloat16()
+        packed, state = mq.quantize_4bit(w)
+        auto = auto_backend(packed.device)
+        cases = {"auto": lambda: mq.dequantize_4bit(packed, state),
+                 "torch": lambda: mq.dequantize_4bit(packed, state, backend="torch")}
+        if bnb is not None:
+            cases["bitsandbytes"] = _bnb_pair(bnb, w, True)
+        src = torch.ones(traffic(numel, True, torch.bfloat16) // 2, dtype=torch.uint8)
+        cases["copy, new tensor"] = lambda: torch.empty_like(src).copy_(src)
+        for n in thread_counts():
+            with threads(n):
+                times = interleaved_best(cases, rounds=3)
+            per_m = {name: t / (numel / 2**20) * 1e6 for name, t in times.items()}  # us per M
+            ref = per_m.get("bitsandbytes")
+            if ref:
+                ratios[n] = max(ratios.get(n, 0.0), per_m["auto"] / ref)
+            rows.append([n, f"{numel // 2**20}M", *[f"{per_m[c]:.0f}" for c in cases],
+                         f"{per_m['auto'] / ref:.2f}x" if ref else "-"])
+    print_table(f"[kernel] dequantize time per million weights (us / M), NF4 nested -> bf16, "
+                f"auto = {auto}, best of 3 interleaved rounds (flat rows: linear cost)",
+                ["threads", "weights", *cases, "auto / bnb"],
+                sorted(rows, key=lambda r: -r[0]))
+    return {"dequantize 1M..64M weights, worst size (auto vs bnb)": (1.0, ratios)} if ratios else {}
 
 
 def _cuda_time(fn, repeat: int) -> float:
@@ -133,6 +195,8 @@ def run_gpu(quick: bool = False) -> None:
         print('[kernel] CuPy is not installed: the cuda kernel row needs `pip install -e ".[gpu]"`')
 
 
-def run(quick: bool = False) -> None:
-    run_cpu(quick)
+def run(quick: bool = False) -> dict:
+    goals = run_cpu(quick)
+    goals.update(run_sizes(quick))
     run_gpu(quick)
+    return goals
