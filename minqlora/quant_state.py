@@ -29,6 +29,7 @@ from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantiz
 from .nf4 import get_code, pack_4bit, unpack_4bit
 
 CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the CPU's cache
+SCREENED = (torch.float32, torch.bfloat16, torch.float16)  # a finite sum: finite, in range
 
 
 @dataclass(eq=False)
@@ -188,7 +189,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     >>> [hex(b) for b in packed.tolist()], state.absmax.tolist()
     (['0xc0', '0x77'], [1.0])
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not x.sum().isfinite():
+    if not (isinstance(x, torch.Tensor) and x.dtype in SCREENED and x.sum().isfinite()):
         check_float(x, "quantize_4bit")    # a finite sum is the cheap screen; this counts
     check_blocksize(blocksize, "quantize_4bit")
     if code is None:                                       # the state's own copy of the table
