@@ -32,7 +32,7 @@ from torch import nn
 
 from .lora import LoRALinear
 from .paged_adam import PagedAdamW
-from .qlora import prepare_qlora
+from .qlora import prepare_qlora, replace_module
 from .toy import make_data
 from .training import evaluate, train
 
@@ -102,18 +102,16 @@ def convert(base: nn.Module, method: str, r: int = 8, alpha: float = 16, seed: i
                                  compute_dtype=compute_dtype)
         model.requires_grad_(False)
         for name in linear_names(model):
-            parent, _, child = name.rpartition(".")
             frozen = Bf16Linear.from_linear(model.get_submodule(name), compute_dtype)
-            setattr(model.get_submodule(parent), child, LoRALinear(frozen, r, alpha))
+            replace_module(model, name, LoRALinear(frozen, r, alpha))
     return model
 
 
 def stored_bytes(model: nn.Module) -> dict:
     """Bytes of the frozen weights (4-bit bytes and constants included) and of trainable ones."""
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     tensors = list(model.parameters()) + list(model.buffers())
-    return {"weights": sum(nbytes(t) for t in tensors if not t.requires_grad),
-            "trainable": sum(nbytes(t) for t in tensors if t.requires_grad)}
+    return {"weights": sum(t.nbytes for t in tensors if not t.requires_grad),
+            "trainable": sum(t.nbytes for t in tensors if t.requires_grad)}
 
 
 @torch.no_grad()
@@ -170,7 +168,7 @@ def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 6
         heldout_curve=curve, weight_error=weight_error(base, model) if method != "full" else 0.0,
         bytes={"weights": held["weights"] if method != "full" else held["trainable"],
                "adapters": held["trainable"] if method != "full" else 0,
-               "optimizer": sum(s[k].numel() * s[k].element_size() for s in state
+               "optimizer": sum(s[k].nbytes for s in state
                                 for k in ("exp_avg", "exp_avg_sq"))},
         pager_stats=opt.pager.stats() if method in QUANT_TYPE_OF else None,
         seconds=time.perf_counter() - start)

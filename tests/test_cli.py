@@ -23,7 +23,7 @@ def run(*args) -> str:
 def test_the_tour_runs_every_section():
     out = run("--quick")
     for heading in ("1. Quantization", "2. The dequantization kernel", "3-4. Fine-tuning",
-                    "5. Memory"):
+                    "5. Memory", "6. Is NF4 optimal"):
         assert f"== {heading}" in out
     for method in ("full", "lora16", "qlora", "qlora-fp4", "qlora-int4"):
         assert f"\n{method} " in out
@@ -34,7 +34,7 @@ def test_the_tour_runs_every_section():
 
 def test_the_bench_prints_every_section():
     out = run("bench", "--quick")
-    for section in ("[quant]", "kernel (CPU", "[lora]", "[paged]"):
+    for section in ("[quant]", "kernel (CPU", "[lora]", "[paged]", "[limit]", "[goals]"):
         assert section in out
 
 
@@ -67,7 +67,7 @@ def test_cli_help_lists_the_subcommands_and_options(capsys):
 # ---- issue 10, item 17: every argument checked before any work ----
 
 BAD = [(["bench", "--only", "nope"], "argument --only: invalid choice: 'nope' (choose from "
-                                     "'quant', 'kernel', 'lora', 'paged')"),
+                                     "'quant', 'kernel', 'lora', 'paged', 'limit')"),
        (["bench", "--only", "os.path"], "invalid choice: 'os.path' (choose from 'quant'"),
        (["bench", "--only"], "argument --only: expected at least one argument"),
        (["--device", "foo"], "argument --device: expected cpu"),
