@@ -1,5 +1,6 @@
 """Fixtures shared by several test files (plain helpers are in helpers.py)."""
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -22,7 +23,18 @@ def emulation():
 
 
 @pytest.fixture(scope="session")
-def toy_base():
-    """toy.pretrain(seed=0), built once for the toy, training and fine-tuning tests."""
+def toy_base(tmp_path_factory, request):
+    """toy.pretrain(seed=0), built once for the toy, training and fine-tuning tests. Under
+    pytest-xdist the first worker to ask trains it and saves its state_dict in the run's shared
+    temporary folder; the others load it (pretraining is deterministic on a machine: same bits)."""
     from minqlora import toy
-    return toy.pretrain(seed=0)
+    if not hasattr(request.config, "workerinput"):              # no xdist: one process
+        return toy.pretrain(seed=0)
+    from filelock import FileLock
+    path = tmp_path_factory.getbasetemp().parent / "toy_base.pt"    # this run's, all workers'
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            torch.save(toy.pretrain(seed=0).state_dict(), path)
+        model = toy.ToyLM()
+        model.load_state_dict(torch.load(path))
+    return model.eval()

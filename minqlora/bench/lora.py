@@ -41,7 +41,7 @@ def _bnb_layer(bnb, linear: nn.Linear) -> nn.Module:
 
 
 def run(quick: bool = False) -> dict:
-    size, tokens, rounds = (1024, 64, 5) if quick else (4096, 256, 2)
+    size, tokens, rounds = (1024, 64, 3) if quick else (4096, 256, 2)
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(size, size, bias=False)
     with torch.no_grad():
