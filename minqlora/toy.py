@@ -73,6 +73,9 @@ def make_data(task: str = "add", seed: int = 0, n_heldout: int = 1000) -> dict:
     op = torch.full_like(a, VOCAB.index(TASKS[task]))[:, None]
     eq = torch.full_like(a, VOCAB.index("="))[:, None]
     seqs = torch.cat([digits(a, 2), op, digits(b, 2), eq, digits(c, 3)], 1)   # (n, 9) int64
+    if not (isinstance(n_heldout, int) and 0 <= n_heldout < len(seqs)):
+        raise ValueError(f"make_data: n_heldout must be an int from 0 to {len(seqs) - 1} (the "
+                         f"{task!r} task has {len(seqs)} problems), got {n_heldout!r}")
     seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))]
     return {"train": seqs[n_heldout:], "heldout": seqs[:n_heldout]}
 

@@ -90,3 +90,11 @@ def test_pretraining_learns_addition_not_subtraction(toy_base):
     Bounds: >= 0.95 (lowest measured 0.987) and < 0.05 (highest 0.021)."""
     assert evaluate(toy_base, toy.make_data("add")["heldout"])[1] >= 0.95
     assert evaluate(toy_base, toy.make_data("sub")["heldout"])[1] < 0.05
+
+
+@pytest.mark.parametrize("n_heldout", [-5, 10000, 2.5, None])
+def test_make_data_refuses_a_held_out_count_it_cannot_hold(n_heldout):
+    """Issue 10, item 13: n_heldout=-5 returned 5 training rows and 9,995 held out."""
+    with pytest.raises(ValueError, match=r"n_heldout must be an int from 0 to 9999 .* got"):
+        toy.make_data("add", n_heldout=n_heldout)
+    assert toy.make_data("sub", n_heldout=0)["heldout"].shape == (0, 9)
