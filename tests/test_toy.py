@@ -79,15 +79,16 @@ def test_pretrain_is_deterministic_and_leaves_the_global_rng_alone():
 
 def test_pretraining_learns_addition_not_subtraction(toy_base):
     """toy.pretrain(seed=s) for seeds 0..4 on PyTorch's CPU kernel paths default and avx2 (the
-    course machine has no avx512), held-out accuracy on make_data(task, seed=s):
+    course machine has no avx512), held-out accuracy on make_data(task, seed=s), measured with
+    tools/training_grid.py:
 
                           seed 0  seed 1  seed 2  seed 3  seed 4
-        addition, avx2     1.000   1.000   1.000   0.999   0.987
-        addition, default  0.999   1.000   1.000   1.000   0.990
-        subtraction, avx2  0.005   0.016   0.007   0.010   0.006
-        subtr., default    0.006   0.021   0.002   0.007   0.007
+        addition, avx2     1.000   0.999   1.000   1.000   0.989
+        addition, default  0.999   0.999   1.000   0.998   0.998
+        subtraction, avx2  0.003   0.017   0.006   0.004   0.005
+        subtr., default    0.005   0.013   0.005   0.005   0.005
 
-    Bounds: >= 0.95 (lowest measured 0.987) and < 0.05 (highest 0.021)."""
+    Bounds: >= 0.95 (lowest measured 0.989) and < 0.05 (highest 0.017)."""
     assert evaluate(toy_base, toy.make_data("add")["heldout"])[1] >= 0.95
     assert evaluate(toy_base, toy.make_data("sub")["heldout"])[1] < 0.05
 
