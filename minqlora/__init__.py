@@ -22,7 +22,8 @@ from .backends import dequantize_4bit
 # lessons 06-07: LoRA and QLoRA layers
 from .lora import LoRALinear
 from .linear4bit import Linear4bit
-from .qlora import merge_errors, merge_qlora, prepare_qlora, replace_module, trainable_summary
+from .qlora import prepare_qlora, replace_module, trainable_summary
+from .merge import merge_errors, merge_qlora
 # lesson 08: the paged optimizer
 from .pager import OutOfBudget, Pager
 from .paged_adam import PagedAdamW

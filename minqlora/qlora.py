@@ -1,11 +1,9 @@
-"""Whole-model QLoRA: convert, count, merge back (lesson 07).
+"""Whole-model QLoRA: convert and count (lesson 07; merging back is merge.py's).
 
     prepare_qlora:  every targeted nn.Linear  ->  LoRALinear(Linear4bit.from_linear(linear))
                     everything else frozen; only lora_A / lora_B train
     trainable_summary:  parameters (trainable / total) and bytes by kind of storage:
                     4-bit weights with their constants | adapters | everything else
-    merge_qlora:    every LoRALinear -> nn.Linear(W + scaling * B @ A), W dequantized, or
-                    quantized again to 4 bits (requantize=True); merge_errors measures both
 
 As QLoRA does, all linear layers get adapters by default (the paper finds that adapting only
 the attention projections loses quality); the output head stays in 16/32 bits (exclude).
@@ -22,19 +20,18 @@ tied to another module's. Those it leaves as they are, frozen, lists in model.ql
 ({name: reason}) and names in one UserWarning. A module registered under two names is replaced
 under both by one LoRALinear, so it stays shared.
 
-Left to other modules: the layers themselves (lora.py, linear4bit.py) and the optimizer.
+Left to other modules: the layers themselves (lora.py, linear4bit.py), merging the adapters
+back (merge.py) and the optimizer.
 Not done here (as PEFT's prepare_model_for_kbit_training would): gradient checkpointing and
 upcasting layer norms; this function only swaps layers and freezes.
 """
-import copy
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .lora import LoRALinear, to_linear
+from .lora import LoRALinear
 
 
 def _matches(name: str, patterns) -> bool:
@@ -190,61 +187,3 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
         bytes_adapters=nbytes(lambda i: i in adapters),
         bytes_other=nbytes(lambda i: i not in quantized and i not in adapters),
         params_4bit=params_4bit)
-
-
-def merge_qlora(model: nn.Module, requantize: bool = False) -> nn.Module:
-    """Replace, in place, every LoRALinear by its merge W + scaling * B @ A and return the model
-    (copy.deepcopy it first to keep training). The two real choices:
-
-    requantize=False: an nn.Linear holding the merge in W's own dtype (bf16 for a bf16 model):
-        the unmerged model's function, up to that dtype's rounding; bare Linear4bit layers
-        become dequantized nn.Linear too, so the model is plain again, 4x its 4-bit size.
-    requantize=True: the merge quantized again into a Linear4bit of the base's format: a
-        4-bit model again, but NF4's rounding of W + scaling * B @ A is about as large as the
-        update itself (merge_errors measures it: why PEFT warns when merging into 4 bits).
-    """
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, LoRALinear) or (isinstance(m, Linear4bit) and not requantize)]
-    done = []
-    for name, module in layers:
-        if _inside(name, done):                        # a Linear4bit inside a merged LoRA
-            continue
-        merged = module.merge() if isinstance(module, LoRALinear) else to_linear(module)
-        if requantize and isinstance(module.base, Linear4bit):
-            base = module.base
-            merged = Linear4bit.from_linear(merged, blocksize=base.blocksize,
-                                            quant_type=base.quant_type,
-                                            double_quant=base.double_quant,
-                                            compute_dtype=base.compute_dtype)
-        model = replace_module(model, name, merged)
-        done.append(name)
-    return model
-
-
-@torch.no_grad()
-def merge_errors(model: nn.Module, *inputs) -> dict:
-    """Relative output errors |y' - y| / |y| (Frobenius norms; y = the unmerged model(*inputs),
-    which must return a tensor) of each merge, beside dropping the adapters, the size of what
-    they add. The model is left as it was.
-
-    >>> _ = torch.manual_seed(0)
-    >>> model = prepare_qlora(nn.Sequential(nn.Linear(256, 256)), r=8, compute_dtype=torch.float32)
-    >>> _ = model[0].lora_B.weight.data.normal_(0, 0.02)        # as if trained
-    >>> errors = merge_errors(model, torch.randn(16, 256))
-    >>> errors["dequantized"] < 1e-5 < errors["requantized"], list(errors)
-    (True, ['dequantized', 'requantized', 'adapters dropped'])
-    """
-    training = model.training
-    model.eval()
-    reference = model(*inputs).float()
-
-    def error(variant: nn.Module) -> float:
-        return ((variant(*inputs).float() - reference).norm() / reference.norm()).item()
-    dropped = copy.deepcopy(model)
-    for name, layer in [(n, m) for n, m in dropped.named_modules() if isinstance(m, LoRALinear)]:
-        dropped = replace_module(dropped, name, layer.base)
-    errors = {"dequantized": error(merge_qlora(copy.deepcopy(model))),
-              "requantized": error(merge_qlora(copy.deepcopy(model), requantize=True)),
-              "adapters dropped": error(dropped)}
-    model.train(training)
-    return errors

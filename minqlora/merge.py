@@ -1,0 +1,83 @@
+"""Merging the adapters back into the weights, and what each way of merging costs (lessons 07, 10).
+
+    merge_qlora:   every LoRALinear -> its merge  W' = dequantize(W) + scaling * B @ A
+                   as an nn.Linear (requantize=False), or quantize_4bit(W') again in the base's
+                   4-bit format (requantize=True); bare Linear4bit layers -> dequantized nn.Linear
+    merge_errors:  |y' - y| / |y| of each merge against the unmerged model's outputs y, beside
+                   dropping the adapters (the size of what they add)
+
+Worked example: a 4-bit 256 x 256 layer with trained-looking adapters (B ~ N(0, 0.02), r = 8):
+merging into the dequantized float32 weight changes the output by float rounding only (< 1e-5
+relative); quantizing the merge to NF4 again changes it by about as much as the adapters
+themselves add, which is why PEFT warns when merging into a 4-bit model (the doctest below;
+lesson 10 measures it on the toy model).
+
+Converting a model is qlora.py's business, the layers lora.py's and linear4bit.py's.
+"""
+import copy
+
+import torch
+from torch import nn
+
+from .linear4bit import Linear4bit
+from .lora import LoRALinear, to_linear
+from .qlora import replace_module
+
+
+def merge_qlora(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Replace, in place, every LoRALinear by its merge W + scaling * B @ A and return the model
+    (copy.deepcopy it first to keep training). The two real choices:
+
+    requantize=False: an nn.Linear holding the merge in W's own dtype (bf16 for a bf16 model):
+        the unmerged model's function, up to that dtype's rounding; bare Linear4bit layers
+        become dequantized nn.Linear too, so the model is plain again, 4x its 4-bit size.
+    requantize=True: the merge quantized again into a Linear4bit of the base's format: a
+        4-bit model again, but NF4's rounding of W + scaling * B @ A is about as large as the
+        update itself (merge_errors measures it: why PEFT warns when merging into 4 bits).
+    """
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, LoRALinear) or (isinstance(m, Linear4bit) and not requantize)]
+    done = []
+    for name, module in layers:
+        if any(d == "" or name.startswith(d + ".") for d in done):
+            continue                                   # a Linear4bit inside a merged LoRA
+        merged = module.merge() if isinstance(module, LoRALinear) else to_linear(module)
+        if requantize and isinstance(module.base, Linear4bit):
+            base = module.base
+            merged = Linear4bit.from_linear(merged, blocksize=base.blocksize,
+                                            quant_type=base.quant_type,
+                                            double_quant=base.double_quant,
+                                            compute_dtype=base.compute_dtype)
+        model = replace_module(model, name, merged)
+        done.append(name)
+    return model
+
+
+@torch.no_grad()
+def merge_errors(model: nn.Module, *inputs) -> dict:
+    """Relative output errors |y' - y| / |y| (Frobenius norms; y = the unmerged model(*inputs),
+    which must return a tensor) of each merge, beside dropping the adapters, the size of what
+    they add. The model is left as it was.
+
+    >>> from minqlora.qlora import prepare_qlora
+    >>> _ = torch.manual_seed(0)
+    >>> model = prepare_qlora(nn.Sequential(nn.Linear(256, 256)), r=8, compute_dtype=torch.float32)
+    >>> _ = model[0].lora_B.weight.data.normal_(0, 0.02)        # as if trained
+    >>> errors = merge_errors(model, torch.randn(16, 256))
+    >>> errors["dequantized"] < 1e-5 < errors["requantized"], list(errors)
+    (True, ['dequantized', 'requantized', 'adapters dropped'])
+    """
+    training = model.training
+    model.eval()
+    reference = model(*inputs).float()
+
+    def error(variant: nn.Module) -> float:
+        return ((variant(*inputs).float() - reference).norm() / reference.norm()).item()
+    dropped = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in dropped.named_modules() if isinstance(m, LoRALinear)]:
+        dropped = replace_module(dropped, name, layer.base)
+    errors = {"dequantized": error(merge_qlora(copy.deepcopy(model))),
+              "requantized": error(merge_qlora(copy.deepcopy(model), requantize=True)),
+              "adapters dropped": error(dropped)}
+    model.train(training)
+    return errors
