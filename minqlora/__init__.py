@@ -2,7 +2,7 @@
 
     import minqlora as mq
     packed, state = mq.quantize_4bit(weight)          # NF4 + double quantization
-    weight_hat = mq.dequantize_4bit(packed, state)    # backend "torch", "cuda" or "emulate"
+    weight_hat = mq.dequantize_4bit(packed, state)    # "torch", "cpp", "cuda" or "emulate"
     model = mq.prepare_qlora(model)                   # LoRA adapters over frozen Linear4bit
     mq.save_4bit(model, "model.safetensors")          # the 4-bit base, as Transformers stores it
     mq.save_adapter(model, "adapter/")                # the adapters, as PEFT stores them

@@ -2,17 +2,20 @@
 
     "torch"    decode_in_chunks below: vectorised PyTorch, on any device;
     "cuda"     kernels/dequant_nf4.cu on the GPU through CuPy (cuda.py; `pip install -e ".[gpu]"`);
-    "emulate"  the same .cu compiled for the CPU and run thread by thread (emulate.py).
+    "emulate"  the same .cu compiled for the CPU and run thread by thread (emulate.py);
+    "cpp"      a C++ loop written for the CPU: 16 products per block, then a lookup per weight
+               (cpu_decode.py).
 
 "auto" picks by what this machine has, the same way every time (auto_backend(device) says it):
-CUDA tensors get "cuda" when CuPy can be imported; CPU tensors get "emulate" on Linux when a
-C++ compiler is found (the kernel built with -O3 decodes about twice as fast as the torch path,
-in one pass, on every CPU thread; its first use compiles it, once per kernel text, in seconds);
-everything else, and anything torch.compile traces (a ctypes or CuPy call cannot be traced; the
-compiled torch path is one fused loop), gets "torch". A backend that cannot run raises, e.g. a
-compiler that fails to build the kernel; nothing falls back quietly to another backend.
+CUDA tensors get "cuda" when CuPy can be imported; CPU tensors get "cpp" on Linux when a C++
+compiler is found (it does about a third of the kernel's work per weight, so it decodes 2-3x
+faster than the emulation and the torch path, in one pass; its first use compiles it, once, in
+seconds); everything else, and anything torch.compile traces (a ctypes or CuPy call cannot be
+traced; the compiled torch path is one fused loop), gets "torch". The emulation is there to
+run the GPU kernel's own text where there is no GPU (lesson 05), not for speed. A backend that
+cannot run raises, e.g. a compiler that fails to build; nothing falls back quietly to another.
 
-All three compute lesson 04's definition (quant_state.decode_4bit), out[i] = code[nibble i] *
+All four compute lesson 04's definition (quant_state.decode_4bit), out[i] = code[nibble i] *
 absmax[i // blocksize] in float32, cast once; tests/test_backends.py proves them bit-identical.
 The torch backend reshapes the definition for speed:
 
@@ -38,11 +41,12 @@ import torch
 
 from ._checks import check_dtype
 from .cuda import INSTALL, cupy_or_none, launch_cuda
+from .cpu_decode import decode_cpp
 from .emulate import find_compiler, launch_emulation
 from .launch import SUFFIX
 from .quant_state import QuantState, check_state
 
-BACKENDS = ("auto", "torch", "cuda", "emulate")
+BACKENDS = ("auto", "torch", "cuda", "emulate", "cpp")
 CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough to stay in cache
 HUGE_PAGE = 1 << 21  # bytes: a transparent huge page on x86-64 (arm64 with 4 KiB pages)
 
@@ -59,7 +63,7 @@ def auto_backend(device) -> str:
     if device.type == "cuda":
         return "cuda" if cupy_or_none() is not None else "torch"
     if device.type == "cpu" and sys.platform.startswith("linux") and _has_compiler():
-        return "emulate"
+        return "cpp"
     return "torch"
 
 
@@ -140,12 +144,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
         cupy = "" if cupy_or_none() is not None else f"; it also needs CuPy: {INSTALL}"
         raise ValueError(f"dequantize_4bit(backend='cuda'): {missing}{cupy}. "
                          "backend='emulate' runs the same kernel on the CPU")
-    if backend == "emulate" and packed.device.type != "cpu":
-        raise ValueError("dequantize_4bit(backend='emulate'): needs CPU tensors, got "
+    if backend in ("emulate", "cpp") and packed.device.type != "cpu":
+        raise ValueError(f"dequantize_4bit(backend={backend!r}): needs CPU tensors, got "
                          f"{packed.device}; use backend='cuda' on a GPU")
     dtype = dtype or state.dtype
     written = dtype if backend == "torch" or dtype in SUFFIX else torch.float32
     out = empty_output(state.shape.numel(), written, packed.device)            # (n,)
-    launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation}
+    launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation,
+              "cpp": decode_cpp}
     launch[backend](packed, state, out)
     return out.to(dtype).view(state.shape)

@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,10 +40,12 @@ from .launch import grid, kernel_args, kernel_source
 # thread_local in a dlopen'ed library. The initial-exec TLS model would make each access one
 # load but takes the loader's small static TLS reserve: the 4th edited kernel failed to load.
 # TLS descriptors (gnu2 on x86-64; the default on arm64) cost one short call per access and never
-# run out. -z defs: a library with missing symbols (CXX=gcc, no C++ runtime) fails to link.
+# run out (an older clang lacks gnu2: an optional flag). -z defs: a library with missing symbols
+# (CXX=gcc, no C++ runtime) fails to link.
 CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
             "-pthread"] + (["-Wl,-z,defs"] if sys.platform.startswith("linux") else [])
-TLS_DESC = ["-mtls-dialect=gnu2"] if platform.machine().lower() in ("x86_64", "amd64") else []
+TLS_DESC = ((("-mtls-dialect=gnu2", "tls-dialect"),)
+            if platform.machine().lower() in ("x86_64", "amd64") else ())
 _BUILT = {}                                 # (source texts, $CXX) -> library
 MIN_BLOCKS = 32  # grid blocks (8192 weights each) per CPU thread at least: starting a thread
                  # costs tens of microseconds, more than decoding a small weight
@@ -58,14 +61,21 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     Raises EmulationUnavailable without a compiler, RuntimeError with the compiler's message
     when the build fails."""
     files = {"dequant_nf4.cu": kernel_source() if source is None else source,
-             "cuda_shim.h": kernel_source("cuda_shim.h"),
-             "emulate.cpp": kernel_source("emulate.cpp")}
-    texts = (tuple(files.values()), os.environ.get("CXX"))
+             **{name: kernel_source(name) for name in ("cuda_shim.h", "round16.h", "emulate.cpp")}}
+    return build_library(files, "emulate.cpp", "dequant_emulate", TLS_DESC)
+
+
+def build_library(files: dict, main: str, stem: str, optional=()) -> ctypes.CDLL:
+    """Compile files[main] (which may include the other files) into the cache as
+    <stem>_<hash>.so, once per distinct set of texts, and load it (the emulation; cpu_decode.py's
+    decoder). `optional`: (flag, pattern) pairs; a flag is dropped, and the build retried, when
+    the compiler's error message matches its pattern (a regular expression)."""
+    texts = (tuple(files.items()), os.environ.get("CXX"))
     if texts not in _BUILT:                 # the same texts as an earlier call: no disk work
         cxx = compiler()
-        key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, TLS_DESC, cxx)).encode())
-        lib = cache_dir() / f"dequant_emulate_{key.hexdigest()[:16]}.so"
-        _BUILT[texts] = _load(lib) if _verified(lib) else _build(cxx, files, lib)
+        key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, optional, cxx)).encode())
+        lib = cache_dir() / f"{stem}_{key.hexdigest()[:16]}.so"
+        _BUILT[texts] = _load(lib) if _verified(lib) else _build(cxx, files, main, lib, optional)
     return _BUILT[texts]
 
 
@@ -103,21 +113,24 @@ def compiler() -> list:
     return [found]
 
 
-def _build(cxx: list, files: dict, lib: Path) -> ctypes.CDLL:
+def _build(cxx: list, files: dict, main: str, lib: Path, optional) -> ctypes.CDLL:
     """Compile in a temporary folder inside the cache, then move the library and its sha256 into
     place (atomic renames: parallel builders are safe) and load it."""
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         for name, text in files.items():
             Path(tmp, name).write_text(text)
-        for tls in (TLS_DESC, []) if TLS_DESC else ([],):   # an older clang lacks gnu2: retry
-            command = [cxx[0], *CXXFLAGS, *tls, *cxx[1:], "-o", "lib.so", "emulate.cpp"]
+        while True:                         # without each optional flag the compiler refuses
+            command = [cxx[0], *CXXFLAGS, *(flag for flag, _ in optional), *cxx[1:], "-o",
+                       "lib.so", main]
             done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
-            if not done.returncode or "tls-dialect" not in done.stderr:
+            refused = [pair for pair in optional if re.search(pair[1], done.stderr)]
+            if not done.returncode or not refused:
                 break
+            optional = [pair for pair in optional if pair not in refused]
         if done.returncode:
             cpp = ("; it links no C++ runtime: set CXX to a C++ compiler (g++, clang++)"
                    if "undefined reference" in done.stderr else "")
-            raise RuntimeError(f"building the kernel emulation with {shlex.join(cxx)} failed"
+            raise RuntimeError(f"building kernels/{main} with {shlex.join(cxx)} failed"
                                f"{cpp}:\n{done.stderr}")
         Path(tmp, "sha256").write_text(hashlib.sha256(Path(tmp, "lib.so").read_bytes()).hexdigest())
         os.replace(Path(tmp, "lib.so"), lib)

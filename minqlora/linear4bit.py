@@ -37,9 +37,9 @@ only for one matmul. Like bitsandbytes' Linear4bit, forward casts x to compute_d
 returns x's dtype, so the layer drops into a float32 or a bf16 model.
 
 Left to other modules: the storage format (quant_state.py), the dequantize backend
-(backends.py: layer.backend = "auto" picks the CUDA kernel for CUDA tensors with CuPy, its CPU
-emulation on Linux with a C++ compiler, else the torch path; set "torch", "emulate" or "cuda" to
-choose), the adapters (lora.py) and whole-model conversion (qlora.py).
+(backends.py: layer.backend = "auto" picks the CUDA kernel for CUDA tensors with CuPy, the C++
+CPU decoder on Linux with a C++ compiler, else the torch path; set "torch", "cpp", "emulate" or
+"cuda" to choose), the adapters (lora.py) and whole-model conversion (qlora.py).
 """
 from typing import NamedTuple
 

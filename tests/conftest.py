@@ -23,6 +23,18 @@ def emulation():
 
 
 @pytest.fixture(scope="session")
+def decoder():
+    """The CPU decoder of backend "cpp" (kernels/dequant_cpu.cpp), built once per session, or
+    skip without a C++ compiler."""
+    from minqlora.cpu_decode import build_decoder
+    from minqlora.emulate import EmulationUnavailable
+    try:
+        return build_decoder()
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def toy_base(tmp_path_factory, request):
     """toy.pretrain(seed=0), built once for the toy, training and fine-tuning tests. Under
     pytest-xdist the first worker to ask trains it and saves its state_dict in the run's shared

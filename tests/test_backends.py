@@ -39,11 +39,14 @@ def test_torch_backend_across_chunk_boundaries(monkeypatch):
         assert torch.equal(bits(out), bits(decode_4bit(packed, state, torch.bfloat16)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "emulate"])
+NEEDS = {"emulate": "emulation", "cpp": "decoder"}   # the fixture that builds each C++ backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulate", "cpp"])
 def test_a_custom_code_decodes_unchanged_on_every_backend(backend, request):
     """quantize_4bit(code=...) with 7 unsorted values: each backend reads the state's own code."""
-    if backend == "emulate":
-        request.getfixturevalue("emulation")
+    if backend in NEEDS:
+        request.getfixturevalue(NEEDS[backend])
     code = torch.tensor([0.3, -1.0, 1.0, -0.4, 0.0, 0.75, -0.05])
     for nested in (False, True):
         x = gaussian((129, 5), seed=1)
@@ -57,9 +60,9 @@ def test_a_custom_code_decodes_unchanged_on_every_backend(backend, request):
 
 
 def _record_launches(monkeypatch):
-    """Replace the three launchers by recorders (each still decodes, through the torch path)."""
+    """Replace the four launchers by recorders (each still decodes, through the torch path)."""
     ran = []
-    for name in ("decode_in_chunks", "launch_emulation", "launch_cuda"):
+    for name in ("decode_in_chunks", "launch_emulation", "launch_cuda", "decode_cpp"):
         def launcher(packed, state, out, name=name):
             ran.append(name)
             decode_in_chunks(packed, state, out)
@@ -67,17 +70,19 @@ def _record_launches(monkeypatch):
     return ran
 
 
-def test_auto_on_cpu_is_the_emulation_where_a_compiler_is_found(monkeypatch):
-    """Linux + a C++ compiler: the kernel's emulation; no compiler, or not Linux: torch. The
-    choice depends only on what is installed (auto_backend says it), never on what failed."""
+def test_auto_on_cpu_is_the_cpu_decoder_where_a_compiler_is_found(monkeypatch):
+    """Linux + a C++ compiler: the C++ loop written for the CPU ("cpp"); no compiler, or not
+    Linux: torch. The emulation is never auto's pick (it is the GPU kernel's text, for lesson
+    05). The choice depends only on what is installed (auto_backend says it), never on what
+    failed."""
     packed, state = quantize_4bit(torch.randn(10))
     ran = _record_launches(monkeypatch)
-    for found, platform, want in ((True, "linux", "launch_emulation"),
+    for found, platform, want in ((True, "linux", "decode_cpp"),
                                   (False, "linux", "decode_in_chunks"),
                                   (True, "darwin", "decode_in_chunks")):
         monkeypatch.setattr(backends, "_has_compiler", lambda found=found: found)
         monkeypatch.setattr(backends.sys, "platform", platform)
-        assert backends.auto_backend("cpu") == {"launch_emulation": "emulate"}.get(want, "torch")
+        assert backends.auto_backend("cpu") == {"decode_cpp": "cpp"}.get(want, "torch")
         assert torch.equal(dequantize_4bit(packed, state), decode_4bit(packed, state))
         assert ran.pop() == want and not ran
 
@@ -99,10 +104,10 @@ def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
     monkeypatch.setattr(backends.sys, "platform", "linux")
 
     def broken(*args):
-        raise RuntimeError("building the kernel emulation with g++ failed")
-    monkeypatch.setattr(backends, "launch_emulation", broken)
+        raise RuntimeError("building kernels/dequant_cpu.cpp with g++ failed")
+    monkeypatch.setattr(backends, "decode_cpp", broken)
     monkeypatch.setattr(backends, "decode_in_chunks", lambda *a: pytest.fail("fell back"))
-    with pytest.raises(RuntimeError, match="building the kernel emulation"):
+    with pytest.raises(RuntimeError, match="building kernels/dequant_cpu.cpp"):
         dequantize_4bit(packed, state)
 
 
@@ -141,17 +146,18 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
         dequantize_4bit(packed, state, backend="cuda")
 
 
-def test_emulate_needs_cpu_tensors():
+@pytest.mark.parametrize("backend", ["emulate", "cpp"])
+def test_the_cpu_backends_need_cpu_tensors(backend):
     packed, state = quantize_4bit(torch.randn(10))
-    with pytest.raises(ValueError, match="backend='emulate'\\): needs CPU tensors, got meta"):
-        dequantize_4bit(packed.to("meta"), state.to("meta"), backend="emulate")
+    with pytest.raises(ValueError, match=f"backend='{backend}'\\): needs CPU tensors, got meta"):
+        dequantize_4bit(packed.to("meta"), state.to("meta"), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "emulate"])
+@pytest.mark.parametrize("backend", ["torch", "emulate", "cpp"])
 def test_a_big_output_asked_for_huge_pages_holds_the_same_bits(backend, request):
     """Outputs of 8 MiB and more get the MADV_HUGEPAGE hint (on Linux): a hint, same values."""
-    if backend == "emulate":
-        request.getfixturevalue("emulation")
+    if backend in NEEDS:
+        request.getfixturevalue(NEEDS[backend])
     out = backends.empty_output(3 * backends.HUGE_PAGE + 5, torch.float32, "cpu")
     assert out.shape == (3 * backends.HUGE_PAGE + 5,) and out.dtype == torch.float32
     packed, state = quantize_4bit(gaussian((1500, 1401), seed=3).bfloat16())   # 8.0 MiB of fp32

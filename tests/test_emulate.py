@@ -158,7 +158,7 @@ def test_edited_source_is_rebuilt(emulation):
 
 def test_broken_source_is_a_clear_error(emulation):
     source = launch.kernel_source().replace("__syncthreads();", "__syncthreads()", 1)
-    with pytest.raises(RuntimeError, match="building the kernel emulation with .* failed"):
+    with pytest.raises(RuntimeError, match="building kernels/emulate.cpp with .* failed"):
         emulate.build_emulation(source)
 
 

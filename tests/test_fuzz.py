@@ -6,7 +6,7 @@ inside, and never a wrong answer. "Correct" is checked against references writte
 from the library: the error bound of nearest-code rounding, and the format's definition,
 code[nibble] * absmax[block], decoded by hand.
 
-The cuda backend runs only on a GPU (tests/test_cuda.py); "emulate" runs its kernel source."""
+The cuda backend runs only on a GPU (tests/test_cuda.py); "emulate" runs its kernel source, "cpp" the CPU decoder."""
 import math
 
 import pytest
@@ -208,14 +208,16 @@ def test_dequantize_blockwise_with_tampered_inputs(n, blocksize, tamper, seed):
 
 @pytest.fixture(scope="module")
 def backends(request):
-    """decode_4bit and the CPU backends; "emulate" only where a C++ compiler builds it."""
+    """decode_4bit and the CPU backends; "emulate" and "cpp" only where a C++ compiler builds
+    them."""
     names = {"decode_4bit": lambda p, s, d: decode_4bit(p, s, d),
              "torch": lambda p, s, d: dequantize_4bit(p, s, d, backend="torch")}
-    try:
-        request.getfixturevalue("emulation")
-        names["emulate"] = lambda p, s, d: dequantize_4bit(p, s, d, backend="emulate")
-    except pytest.skip.Exception:
-        pass
+    for backend, fixture in (("emulate", "emulation"), ("cpp", "decoder")):
+        try:
+            request.getfixturevalue(fixture)
+            names[backend] = lambda p, s, d, b=backend: dequantize_4bit(p, s, d, backend=b)
+        except pytest.skip.Exception:
+            pass
     return names
 
 

@@ -189,12 +189,12 @@ class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["torch", "emulate"])
+@pytest.mark.parametrize("backend", ["torch", "emulate", "cpp"])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_forward_and_backward_read_no_value_back_to_the_host(backend, double_quant, request):
     """Validation happens at construction (and load); a call only checks sizes and dtypes."""
-    if backend == "emulate":
-        request.getfixturevalue("emulation")
+    if backend in ("emulate", "cpp"):
+        request.getfixturevalue({"emulate": "emulation", "cpp": "decoder"}[backend])
     layer = Linear4bit.from_linear(linear(128, 64, seed=3), double_quant=double_quant)
     layer.backend = backend
     x = gaussian((4, 128)).requires_grad_()

@@ -273,15 +273,15 @@ TAMPERED = [  # (change, what the error must say); the data was quantized at blo
 ]
 
 
-@pytest.mark.parametrize("decode", ["decode_4bit", "torch", "emulate"])
+@pytest.mark.parametrize("decode", ["decode_4bit", "torch", "emulate", "cpp"])
 @pytest.mark.parametrize("change, message", TAMPERED, ids=lambda v: str(v)[:40])
 def test_every_backend_refuses_the_same_tampered_state(decode, change, message, request):
     """Item 9 (issue 10): a state tampered with is refused by one check (check_state) on every
     path, with the same message; before, the torch backend decoded blocksize 64 for data
     quantized at 32 as garbage, returned ints for dtype=int32, and raised ZeroDivisionError,
     TypeError or AttributeError from inside for blocksize 0, offset=None or a tuple shape."""
-    if decode == "emulate":
-        request.getfixturevalue("emulation")
+    if decode in ("emulate", "cpp"):
+        request.getfixturevalue({"emulate": "emulation", "cpp": "decoder"}[decode])
     from minqlora.backends import dequantize_4bit
     run = decode_4bit if decode == "decode_4bit" else (
         lambda p, s: dequantize_4bit(p, s, backend=decode))
@@ -401,7 +401,7 @@ for double_quant in (False, True):
     p, s = mq.quantize_4bit(x, 2 ** 26, double_quant=double_quant)
     p16, s16 = mq.quantize_4bit(x, 16, double_quant=double_quant)
     assert torch.equal(p, p16)
-    for backend in ("torch", "emulate"):
+    for backend in ("torch", "emulate", "cpp"):
         assert torch.equal(mq.dequantize_4bit(p, s, backend=backend), decode_4bit(p16, s16))
 q, a = mq.quantize_blockwise(x, mq.DYNAMIC, 2 ** 26)
 assert torch.equal(mq.dequantize_blockwise(q, a, mq.DYNAMIC, 2 ** 26),

@@ -1,7 +1,7 @@
 """bench section `kernel`: the 4-bit dequantization kernel (lesson 05) beside its references.
 
-CPU: each backend by name (the torch path; kernels/dequant_nf4.cu run by the CPU emulation;
-"cuda" needs a GPU) and bitsandbytes' CPU dequantize_4bit, on a 4096x4096 NF4 weight (double
+CPU: each backend by name (the torch path; kernels/dequant_nf4.cu run by the CPU emulation; the
+C++ CPU decoder "cpp"; "cuda" needs a GPU) and bitsandbytes' CPU dequantize_4bit, on a 4096x4096 NF4 weight (double
 quantized, as QLoRA stores it, and plain) into bf16 and fp32, on all threads and on one. The
 row of the backend that backend="auto" picks here is marked. Memory traffic = (bytes read +
 bytes written) / time, beside a copy of as many bytes in the same run: torch.empty_like(src)
@@ -19,6 +19,7 @@ import minqlora as mq
 from minqlora.backends import auto_backend
 from minqlora.bench import interleaved_best, optional, print_table, thread_counts, threads
 from minqlora.double_quant import constants_nbytes
+from minqlora.cpu_decode import build_decoder
 from minqlora.emulate import EmulationUnavailable, build_emulation
 
 
@@ -37,12 +38,12 @@ def _bnb_pair(bnb, w, nested):
     return lambda: bnb.functional.dequantize_4bit(packed, state)
 
 
-def _cases(w, nested, dtype, bnb, emulate):
+def _cases(w, nested, dtype, bnb, compiled):
     """{row name: fn} decoding w's NF4 bytes into dtype, plus the two copies of as many bytes."""
     packed, state = mq.quantize_4bit(w.to(dtype), 64, double_quant=nested)
     auto = auto_backend(packed.device)
     fns = {}
-    for backend in ("torch",) + (("emulate",) if emulate else ()):
+    for backend in ("torch",) + (("emulate", "cpp") if compiled else ()):
         name = backend + (" (= auto)" if backend == auto else "")
         fns[name] = lambda b=backend: mq.dequantize_4bit(packed, state, backend=b)
     if bnb is not None:
@@ -58,18 +59,18 @@ def run_cpu(quick: bool = False) -> dict:
     bnb, rounds, size = optional("bitsandbytes"), 3 if quick else 7, 1024 if quick else 4096
     w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     try:
-        build_emulation()
-        emulate = True
+        build_emulation(), build_decoder()
+        compiled = True
     except EmulationUnavailable as e:
-        print(f"\n[kernel] emulation skipped: {e}")
-        emulate = False
+        print(f"\n[kernel] emulation and C++ decoder skipped: {e}")
+        compiled = False
     auto = auto_backend(w.device)
     rows, ratios, bandwidth = [], {}, {}
     for n in thread_counts():
         for nested in (True, False):
             for dtype in (torch.bfloat16, torch.float32):
                 with threads(n):
-                    times = interleaved_best(_cases(w, nested, dtype, bnb, emulate), rounds)
+                    times = interleaved_best(_cases(w, nested, dtype, bnb, compiled), rounds)
                 moved, ref = traffic(w.numel(), nested, dtype), times.get("bitsandbytes")
                 mine = next(t for name, t in times.items() if name.endswith("(= auto)"))
                 if ref:

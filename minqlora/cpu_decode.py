@@ -1,0 +1,63 @@
+"""Backend "cpp": the 4-bit format decoded by a C++ loop written for the CPU (kernels/dequant_cpu.cpp).
+
+The definition is lesson 04's, out[i] = code[nibble i] * absmax[i // blocksize] in float32, cast
+once. Inside one block that product takes only 16 values, one per code entry, so the loop
+computes them first and then looks each weight up:
+
+    out16[k] = cast(code[k] * absmax[b])     16 products and roundings per block
+    out[i]   = out16[nibble i]               one table lookup per weight
+
+Worked example: a block with absmax 2.0 in NF4 has out16[0] = -2.0 and out16[15] = 2.0, so
+its byte 0x0F decodes to (-2.0, 2.0), with no multiply at all.
+
+The GPU kernel (dequant_nf4.cu, run on the CPU by emulate.py) multiplies every weight, because
+on a GPU a multiply is free and an indexed per-thread table is slow. On a CPU it is the other
+way round: at blocksize 64 this loop makes 16 roundings where the kernel makes 64, about 3x
+less work per weight. It is the same definition, so it gives the same bits;
+tests/test_cpu_decode.py checks that against decode_4bit and the other backends.
+
+backend="auto" runs it for CPU tensors on Linux with a C++ compiler (backends.py says why).
+It is built, cached and verified like the emulation (emulate.build_library), and it takes the
+kernel's arguments (launch.kernel_args), so a state is checked the same way. The blocks are
+split over CPU threads: OpenMP's where the compiler has it (-fopenmp: the pool torch runs on,
+already awake), else a std::thread per extra worker, which costs enough to start (and meets
+torch's threads, still spinning after their last op) that each needs more weights to pay off.
+"""
+import ctypes
+
+import torch
+
+from .emulate import build_library
+from .launch import kernel_args, kernel_source
+
+SOURCES = ("dequant_cpu.cpp", "round16.h")
+OPENMP = (("-fopenmp", "openmp|omp"),)  # optional: dropped when the compiler's error names it
+                                        # (-fopenmp refused, libomp or libgomp not found)
+MIN_WEIGHTS = {True: 1 << 18, False: 1 << 22}  # per CPU thread at least, OpenMP or std::thread
+
+
+def build_decoder() -> ctypes.CDLL:
+    """Compile kernels/dequant_cpu.cpp (once per text) and load it; it exports
+    decode_4bit_<f32|bf16|f16>[_nested] and uses_openmp(). Raises emulate.EmulationUnavailable
+    without a C++ compiler."""
+    return build_library({name: kernel_source(name) for name in SOURCES}, SOURCES[0],
+                         "dequant_cpu", OPENMP)
+
+
+def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = None) -> None:
+    """Decode packed + state into `out` ((n,) float32 / bfloat16 / float16 on the CPU) on
+    n_workers threads (default: torch's thread count, each with MIN_WEIGHTS weights at least).
+
+    Worked example (test_worked_example in tests/test_cpu_decode.py runs it; not a doctest, so
+    that a machine without a C++ compiler can skip it): quantize_4bit([-2.0, 2.0, 0.0]) is
+    bytes [0x0F, 0x77] (the last nibble pads) with absmax 2.0; out16 = cast(NF4 * 2.0), and
+    out = [out16[0], out16[15], out16[7]] = [-2.0, 2.0, 0.0].
+    """
+    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
+    lib = build_decoder()
+    if not n_workers:
+        n_workers = min(torch.get_num_threads(), max(1, n // MIN_WEIGHTS[bool(lib.uses_openmp())]))
+    pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
+    run = getattr(lib, name.replace("dequant_", "decode_"))
+    run(ctypes.c_int(n_workers), *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs),
+        ctypes.c_int(log2_bs2))

@@ -1,0 +1,101 @@
+"""cpu_decode.py: backend "cpp", the 4-bit format decoded by a loop written for the CPU
+(kernels/dequant_cpu.cpp): the bits of lesson 04's definition on every shape, blocksize, code,
+output dtype and thread count, with OpenMP or with the std::thread fallback."""
+import os
+import stat
+import sys
+
+import pytest
+import torch
+from helpers import bits, gaussian
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minqlora as mq
+from minqlora import cpu_decode, emulate
+from minqlora.nf4 import CODES
+from minqlora.quant_state import decode_4bit, quantize_4bit
+
+pytestmark = pytest.mark.usefixtures("decoder")
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_worked_example():
+    """The module's example: bytes [0x0F, 0x77], absmax 2.0 -> out16[0], out16[15], out16[7]."""
+    packed, state = quantize_4bit(torch.tensor([-2.0, 2.0, 0.0]), double_quant=False)
+    assert packed.tolist() == [0x0F, 0x77] and state.absmax.tolist() == [2.0]
+    out = torch.empty(3)
+    cpu_decode.decode_cpp(packed, state, out)
+    assert out.tolist() == [-2.0, 2.0, 0.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 3000), log2_bs=st.integers(1, 12), nested=st.booleans(),
+       quant_type=st.sampled_from(list(CODES)), dtype=st.sampled_from(OUT_DTYPES),
+       n_workers=st.integers(1, 5))
+def test_bit_identical_to_the_definition(n, log2_bs, nested, quant_type, dtype, n_workers):
+    """Odd counts (a last lone high nibble), partial last blocks, blocksizes 2..4096 (below 32:
+    weight by weight, from 32: the 16-value table), every code, more workers than blocks."""
+    x = gaussian((n,), seed=n) * 3
+    packed, state = quantize_4bit(x, 2 ** log2_bs, quant_type, double_quant=nested)
+    out = torch.empty(n, dtype=dtype)
+    cpu_decode.decode_cpp(packed, state, out, n_workers)
+    assert torch.equal(bits(out), bits(decode_4bit(packed, state, dtype)))
+
+
+def test_the_same_bits_as_the_kernel_on_a_big_weight(emulation):
+    """1000 x 999 weights, bf16 input, nested and plain: backend "cpp" == the kernel's emulation,
+    on torch's threads (the default split) and on 3 workers."""
+    w = gaussian((1000, 999), seed=5).bfloat16()
+    for nested in (True, False):
+        packed, state = quantize_4bit(w, 64, double_quant=nested)
+        for dtype in OUT_DTYPES:
+            kernel = mq.dequantize_4bit(packed, state, dtype, backend="emulate")
+            assert torch.equal(bits(mq.dequantize_4bit(packed, state, dtype, backend="cpp")),
+                               bits(kernel))
+            out = torch.empty(w.numel(), dtype=dtype)
+            cpu_decode.decode_cpp(packed, state, out, n_workers=3)
+            assert torch.equal(bits(out), bits(kernel))
+
+
+def test_special_values_round_like_torch():
+    """An absmax near float32's largest value (products overflow 16 bits: infinity in fp16 and
+    bf16), tiny absmaxes (fp16 subnormals and zero), and the -0.0 of FP4's code 8."""
+    x = torch.tensor([3e38, -3e38, 1e-7, -1e-7, 2e-6, 0.0, -1e-30] * 16)
+    for quant_type in ("nf4", "fp4"):
+        packed, state = quantize_4bit(x, 16, quant_type, double_quant=False)
+        for dtype in OUT_DTYPES:
+            out = torch.empty(x.numel(), dtype=dtype)
+            cpu_decode.decode_cpp(packed, state, out)
+            assert torch.equal(bits(out), bits(decode_4bit(packed, state, dtype)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a shell-script compiler")
+def test_without_openmp_the_threads_are_std_threads(tmp_path, monkeypatch):
+    """A compiler that refuses -fopenmp (clang without libomp): the build is retried without it,
+    the library says so (uses_openmp() == 0), and its std::thread split gives the same bits."""
+    real = emulate.compiler()[0]
+    script = tmp_path / "cxx-without-openmp"
+    script.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                      "{ echo \"error: unsupported option '-fopenmp'\" >&2; exit 1; }; done\n"
+                      f"exec {real} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CXX", str(script))
+    monkeypatch.setenv("MINQLORA_CACHE", str(tmp_path / "cache"))
+    lib = cpu_decode.build_decoder()
+    assert lib.uses_openmp() == 0
+    packed, state = quantize_4bit(gaussian((300, 301), seed=2))
+    for n_workers in (1, 2, 7):
+        out = torch.empty(300 * 301, dtype=torch.bfloat16)
+        cpu_decode.decode_cpp(packed, state, out, n_workers)
+        assert torch.equal(bits(out), bits(decode_4bit(packed, state, torch.bfloat16)))
+    assert os.listdir(tmp_path / "cache") and not cpu_decode.build_decoder().uses_openmp()
+
+
+def test_a_state_on_another_device_or_a_bad_output_is_refused():
+    """decode_cpp takes the kernel's arguments, so launch.check_launch guards it too."""
+    packed, state = quantize_4bit(torch.randn(100))
+    with pytest.raises(ValueError, match=r"out must be a contiguous, 16-byte aligned \(100,\)"):
+        cpu_decode.decode_cpp(packed, state, torch.empty(99))
+    with pytest.raises(ValueError, match=r"out must be .*float32/bfloat16/float16"):
+        cpu_decode.decode_cpp(packed, state, torch.empty(100, dtype=torch.float64))
