@@ -2,7 +2,8 @@
 
   1. quantization  error and bits per parameter of int4 / FP4 / NF4, without and with double
                    quantization, on a seeded Gaussian weight
-  2. kernel        the CUDA dequantization kernel (on a GPU) or its CPU emulation vs the torch path
+  2. kernel        the CUDA dequantization kernel (on a GPU) or its CPU emulation, and the CPU
+                   decoder, vs the torch path
   3. fine-tuning   a mini-LLaMA pretrained on addition, fine-tuned on subtraction five ways:
                    full, 16-bit LoRA, QLoRA with NF4 / FP4 / int4 (progress bars on stderr)
   4. paging        PagedAdamW's counters in the NF4 run, its state under a budget of half its size
@@ -57,10 +58,15 @@ def kernel_check(seed: int = 0, size: int = 1024, device: str = "cpu") -> None:
     except (ImportError, RuntimeError) as e:       # no compiler (EmulationUnavailable), no CuPy
         print(f"kernel: skipped ({type(e).__name__}: {e})")
         return
-    same = torch.equal(out, dequantize_4bit(packed, state, torch.bfloat16, backend="torch"))
+    want = dequantize_4bit(packed, state, torch.bfloat16, backend="torch")
+    same = torch.equal(out, want)
     print(f"kernels/dequant_nf4.cu {where}, {size}x{size} NF4 -> bf16: "
           f"{'bit-identical to' if same else 'DIFFERS from'} the torch path ({seconds:.2f} s, "
           "the first call may compile it)")
+    if backend == "emulate":                       # what backend="auto" runs on this CPU
+        same = torch.equal(dequantize_4bit(packed, state, torch.bfloat16, backend="cpp"), want)
+        print(f"kernels/dequant_cpu.cpp (backend 'cpp', auto's pick on a CPU), same weight: "
+              f"{'bit-identical to' if same else 'DIFFERS from'} the torch path")
 
 
 def finetune_comparison(seed: int = 0, quick: bool = False, device: str = "cpu", plot=None):
