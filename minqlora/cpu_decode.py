@@ -17,7 +17,7 @@ less work per weight. It is the same definition, so it gives the same bits;
 tests/test_cpu_decode.py checks that against decode_4bit and the other backends.
 
 backend="auto" runs it for CPU tensors on Linux with a C++ compiler (backends.py says why).
-It is built, cached and verified like the emulation (emulate.build_library), and it takes the
+It is built, cached and verified like the emulation (build.build_library), and it takes the
 kernel's arguments (launch.kernel_args), so a state is checked the same way. The blocks are
 split over CPU threads: OpenMP's where the compiler has it (-fopenmp: the pool torch runs on,
 already awake), else a std::thread per extra worker, which costs enough to start (and meets
@@ -27,7 +27,7 @@ import ctypes
 
 import torch
 
-from .emulate import build_library
+from .build import build_library
 from .launch import kernel_args, kernel_source
 
 SOURCES = ("dequant_cpu.cpp", "round16.h")
@@ -38,7 +38,7 @@ MIN_WEIGHTS = {True: 1 << 18, False: 1 << 22}  # per CPU thread at least, OpenMP
 
 def build_decoder() -> ctypes.CDLL:
     """Compile kernels/dequant_cpu.cpp (once per text) and load it; it exports
-    decode_4bit_<f32|bf16|f16>[_nested] and uses_openmp(). Raises emulate.EmulationUnavailable
+    decode_4bit_<f32|bf16|f16>[_nested] and uses_openmp(). Raises build.EmulationUnavailable
     without a C++ compiler."""
     return build_library({name: kernel_source(name) for name in SOURCES}, SOURCES[0],
                          "dequant_cpu", OPENMP)

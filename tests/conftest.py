@@ -15,7 +15,8 @@ def bnb_functional():
 def emulation():
     """The kernel's CPU emulation, built (once per session) from kernels/, or skip without a
     C++ compiler."""
-    from minqlora.emulate import EmulationUnavailable, build_emulation
+    from minqlora.build import EmulationUnavailable
+    from minqlora.emulate import build_emulation
     try:
         return build_emulation()
     except EmulationUnavailable as e:
@@ -27,7 +28,7 @@ def decoder():
     """The CPU decoder of backend "cpp" (kernels/dequant_cpu.cpp), built once per session, or
     skip without a C++ compiler."""
     from minqlora.cpu_decode import build_decoder
-    from minqlora.emulate import EmulationUnavailable
+    from minqlora.build import EmulationUnavailable
     try:
         return build_decoder()
     except EmulationUnavailable as e:

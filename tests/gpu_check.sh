@@ -24,7 +24,8 @@ try:
     import cupy
 except ImportError as e:
     sys.exit(f'gpu_check: CuPy cannot be imported ({e}): pip install -e ".[gpu]"')
-from minqlora.emulate import EmulationUnavailable, build_emulation
+from minqlora.build import EmulationUnavailable
+from minqlora.emulate import build_emulation
 try:
     build_emulation()          # the GPU tests also compare with the kernel emulated on the CPU
 except EmulationUnavailable as e:

@@ -1,6 +1,7 @@
-"""emulate.py's build cache (issue 10, items 1-3): a folder only this user can write to, libraries
-verified (sha256 recorded at build time) before they are loaded, broken entries rebuilt, $CXX
-with flags, a C compiler refused clearly, and many edited kernels loaded in one process.
+"""build.py, the build cache of the emulation and the CPU decoder (issue 10, items 1-3): a
+folder only this user can write to, libraries verified (sha256 recorded at build time) before
+they are loaded, broken entries rebuilt, $CXX with flags, a C compiler refused clearly, and many
+edited kernels loaded in one process.
 
 Most tests use a stand-in compiler that copies the library the session already built (same
 sources, same flags), so that a rebuild costs no compile; a few compile for real."""
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minqlora import emulate
+from minqlora import build, emulate
 from minqlora.backends import dequantize_4bit
 from minqlora.quant_state import decode_4bit, quantize_4bit
 
@@ -27,7 +28,7 @@ def cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     monkeypatch.setenv("MINQLORA_CACHE", str(folder))
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(emulate, "_BUILT", {})
+    monkeypatch.setattr(build, "_BUILT", {})
     return folder
 
 
@@ -40,7 +41,7 @@ def fake_compiler(emulation, monkeypatch):
         commands.append(command)
         shutil.copy(emulation._name, Path(cwd, "lib.so"))
         return subprocess.CompletedProcess(command, 0, "", "")
-    monkeypatch.setattr(emulate.subprocess, "run", run)
+    monkeypatch.setattr(build.subprocess, "run", run)
     return commands
 
 
@@ -76,10 +77,10 @@ def test_a_cache_others_can_write_to_is_refused(cache, mode):
 
 def test_a_cache_of_another_user_is_refused(cache, monkeypatch):
     cache.mkdir(mode=0o700)
-    monkeypatch.setattr(emulate.os, "getuid", lambda: cache.stat().st_uid + 1)
+    monkeypatch.setattr(build.os, "getuid", lambda: cache.stat().st_uid + 1)
     with pytest.raises(RuntimeError, match=rf"build cache {cache} belongs to user id .*, not to "
                                            "you.*MINQLORA_CACHE="):
-        emulate.cache_dir()
+        build.cache_dir()
 
 
 def planted_library(tmp_path: Path, marker: Path) -> bytes:
@@ -98,10 +99,10 @@ def test_the_temp_dir_fallback_refuses_another_users_folder(tmp_path, monkeypatc
     """Item 1 as reported: no writable ~/.cache, and <tempdir>/minqlora-<uid> made by someone
     else, world-writable, holding a library with the expected name: refused, nothing loaded."""
     monkeypatch.delenv("MINQLORA_CACHE", raising=False)
-    monkeypatch.setattr(emulate, "_BUILT", {})
+    monkeypatch.setattr(build, "_BUILT", {})
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))   # mkdir fails
-    monkeypatch.setattr(emulate.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(build.tempfile, "tempdir", str(tmp_path / "tmp"))
     planted = tmp_path / "tmp" / f"minqlora-{os.getuid()}"
     planted.mkdir(parents=True)
     planted.chmod(0o777)
@@ -112,7 +113,7 @@ def test_the_temp_dir_fallback_refuses_another_users_folder(tmp_path, monkeypatc
         emulate.build_emulation()
     assert not marker.exists()
     planted.chmod(0o700)                                # now private: used, and safe
-    assert emulate.cache_dir() == planted
+    assert build.cache_dir() == planted
 
 
 def entry(folder: Path, emulation, damage: bytes = None) -> Path:
@@ -161,10 +162,10 @@ def test_an_intact_entry_is_loaded_without_a_build(cache, fake_compiler, emulati
 def test_cxx_with_flags_is_used(cache, emulation, monkeypatch):
     """Item 3: $CXX is a program and its flags; the flags come last, so -O0 wins over -O3.
     (Compiles for real.)"""
-    cxx = Path(emulate.compiler()[0]).name
+    cxx = Path(build.compiler()[0]).name
     monkeypatch.setenv("CXX", f"{cxx} -O0 -DMINQLORA_FLAG='\"a b\"'")
     commands, run = [], subprocess.run
-    monkeypatch.setattr(emulate.subprocess, "run",
+    monkeypatch.setattr(build.subprocess, "run",
                         lambda command, **kw: commands.append(command) or run(command, **kw))
     assert emulate.build_emulation() is not emulation and works()
     (command,) = commands
@@ -179,7 +180,7 @@ def test_cxx_with_flags_is_used(cache, emulation, monkeypatch):
 ])
 def test_a_bad_cxx_is_refused(cache, monkeypatch, cxx, match):
     monkeypatch.setenv("CXX", cxx)
-    with pytest.raises(emulate.EmulationUnavailable, match=match):
+    with pytest.raises(build.EmulationUnavailable, match=match):
         emulate.build_emulation()
 
 
@@ -213,12 +214,12 @@ def test_twenty_four_edited_kernels_in_one_process(emulation, tmp_path):
     script = textwrap.dedent(f"""
         import shutil, subprocess, torch
         from pathlib import Path
-        from minqlora import emulate, launch
+        from minqlora import build, emulate, launch
         from minqlora.quant_state import decode_4bit, quantize_4bit
         def run(command, cwd, **kwargs):
             shutil.copy({emulation._name!r}, Path(cwd, "lib.so"))
             return subprocess.CompletedProcess(command, 0, "", "")
-        emulate.subprocess.run = run
+        build.subprocess.run = run
         packed, state = quantize_4bit(torch.randn(5000))
         libs = set()
         for i in range(24):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqlora as mq
-from minqlora import cpu_decode, emulate
+from minqlora import build, cpu_decode
 from minqlora.nf4 import CODES
 from minqlora.quant_state import decode_4bit, quantize_4bit
 
@@ -74,7 +74,7 @@ def test_special_values_round_like_torch():
 def test_without_openmp_the_threads_are_std_threads(tmp_path, monkeypatch):
     """A compiler that refuses -fopenmp (clang without libomp): the build is retried without it,
     the library says so (uses_openmp() == 0), and its std::thread split gives the same bits."""
-    real = emulate.compiler()[0]
+    real = build.compiler()[0]
     script = tmp_path / "cxx-without-openmp"
     script.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
                       "{ echo \"error: unsupported option '-fopenmp'\" >&2; exit 1; }; done\n"

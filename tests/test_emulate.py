@@ -8,7 +8,7 @@ from helpers import bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minqlora import emulate, launch
+from minqlora import build, emulate, launch
 from minqlora.backends import dequantize_4bit
 from minqlora.double_quant import DYNAMIC
 from minqlora.nf4 import CODES, NF4
@@ -164,9 +164,9 @@ def test_broken_source_is_a_clear_error(emulation):
 
 def test_no_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(emulate, "_BUILT", {})
+    monkeypatch.setattr(build, "_BUILT", {})
     packed, state = quantize_4bit(torch.randn(10))
-    with pytest.raises(emulate.EmulationUnavailable, match="no C.. compiler found"):
+    with pytest.raises(build.EmulationUnavailable, match="no C.. compiler found"):
         dequantize_4bit(packed, state, backend="emulate")
 
 

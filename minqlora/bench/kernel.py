@@ -20,7 +20,8 @@ from minqlora.backends import auto_backend
 from minqlora.bench import interleaved_best, optional, print_table, thread_counts, threads
 from minqlora.double_quant import constants_nbytes
 from minqlora.cpu_decode import build_decoder
-from minqlora.emulate import EmulationUnavailable, build_emulation
+from minqlora.build import EmulationUnavailable
+from minqlora.emulate import build_emulation
 
 
 def traffic(n: int, nested: bool, dtype: torch.dtype) -> int:

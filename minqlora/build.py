@@ -1,0 +1,142 @@
+"""C++ from kernels/ compiled for the CPU: one library per distinct set of source texts, in a
+private cache, verified before it is loaded. Two modules build with it: emulate.py (the CUDA
+kernel's text, run thread by thread) and cpu_decode.py (backend "cpp").
+
+    library = cache_dir() / f"{stem}_{sha256(texts, flags, compiler)[:16]}.so"
+
+Worked example: build_library({"dequant_cpu.cpp": ..., "round16.h": ...}, "dequant_cpu.cpp",
+"dequant_cpu") compiles in a temporary folder inside the cache, writes
+~/.cache/minqlora/dequant_cpu_<16 hex digits>.so and its .sha256 beside it, and loads it; a
+later call with the same texts loads the same file, an edited text builds a new one.
+
+The folder must belong to you and be writable by nobody else; each library's sha256 is recorded
+beside it when it is built and checked before it is loaded (a truncated or altered file is
+rebuilt, never loaded). No C++ compiler: EmulationUnavailable, never a quiet fallback.
+"""
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ._checks import private_dir
+
+# -ffp-contract=off: no fused multiply-add (bit-identity with the torch path). -z defs: a
+# library with missing symbols (CXX=gcc, no C++ runtime) fails to link.
+CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
+            "-pthread"] + (["-Wl,-z,defs"] if sys.platform.startswith("linux") else [])
+_BUILT = {}                                 # (source texts, $CXX) -> library
+
+
+class EmulationUnavailable(RuntimeError):
+    """No C++ compiler to build the CPU emulation of the kernel (or the CPU decoder)."""
+
+
+def build_library(files: dict, main: str, stem: str, optional=()) -> ctypes.CDLL:
+    """Compile files[main] (which may include the other files) into the cache as
+    <stem>_<hash>.so, once per distinct set of texts, and load it (the emulation; cpu_decode.py's
+    decoder). `optional`: (flag, pattern) pairs; a flag is dropped, and the build retried, when
+    the compiler's error message matches its pattern (a regular expression)."""
+    texts = (tuple(files.items()), os.environ.get("CXX"))
+    if texts not in _BUILT:                 # the same texts as an earlier call: no disk work
+        cxx = compiler()
+        key = hashlib.sha256(repr((sorted(files.items()), CXXFLAGS, optional, cxx)).encode())
+        lib = cache_dir() / f"{stem}_{key.hexdigest()[:16]}.so"
+        _BUILT[texts] = _load(lib) if _verified(lib) else _build(cxx, files, main, lib, optional)
+    return _BUILT[texts]
+
+
+def find_compiler():
+    """The C++ compiler command as one string, or None when there is none ($CXX unset and no
+    c++, g++, clang++ on the PATH: then backend="auto" does not pick "cpp"). A $CXX
+    that names no program raises: it was asked for."""
+    try:
+        return shlex.join(compiler())
+    except EmulationUnavailable:
+        if os.environ.get("CXX"):
+            raise
+        return None
+
+
+def compiler() -> list:
+    """The C++ compiler command: $CXX (a program and its flags, split as a shell would; the flags
+    come after minqlora's, so they win) or the first of c++, g++, clang++ on the PATH."""
+    try:
+        words = shlex.split(os.environ.get("CXX", ""))
+    except ValueError as e:                 # an unclosed quote
+        raise EmulationUnavailable(f"$CXX={os.environ['CXX']!r} cannot be split: {e}") from None
+    if words:
+        found = shutil.which(words[0])
+        if found is None:
+            raise EmulationUnavailable(f"$CXX is {os.environ['CXX']!r}, but {words[0]!r} is not "
+                                       "a program on the PATH; set CXX to a C++ compiler (g++ "
+                                       "or clang++, flags may follow) or unset it")
+        return [found, *words[1:]]
+    found = next(filter(None, map(shutil.which, ["c++", "g++", "clang++"])), None)
+    if found is None:
+        raise EmulationUnavailable("no C++ compiler found to build the kernel emulation or the "
+                                   "CPU decoder (looked for $CXX, c++, g++, clang++); install "
+                                   "one, e.g. `apt install g++`, or use backend='torch'")
+    return [found]
+
+
+def _build(cxx: list, files: dict, main: str, lib: Path, optional) -> ctypes.CDLL:
+    """Compile in a temporary folder inside the cache, then move the library and its sha256 into
+    place (atomic renames: parallel builders are safe) and load it."""
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        for name, text in files.items():
+            Path(tmp, name).write_text(text)
+        while True:                         # without each optional flag the compiler refuses
+            command = [cxx[0], *CXXFLAGS, *(flag for flag, _ in optional), *cxx[1:], "-o",
+                       "lib.so", main]
+            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+            refused = [pair for pair in optional if re.search(pair[1], done.stderr)]
+            if not done.returncode or not refused:
+                break
+            optional = [pair for pair in optional if pair not in refused]
+        if done.returncode:
+            cpp = ("; it links no C++ runtime: set CXX to a C++ compiler (g++, clang++)"
+                   if "undefined reference" in done.stderr else "")
+            raise RuntimeError(f"building kernels/{main} with {shlex.join(cxx)} failed"
+                               f"{cpp}:\n{done.stderr}")
+        Path(tmp, "sha256").write_text(hashlib.sha256(Path(tmp, "lib.so").read_bytes()).hexdigest())
+        os.replace(Path(tmp, "lib.so"), lib)
+        os.replace(Path(tmp, "sha256"), f"{lib}.sha256")
+    return _load(lib)
+
+
+def _verified(lib: Path) -> bool:
+    """Whether lib's bytes have the sha256 recorded beside it when it was built."""
+    try:
+        return Path(f"{lib}.sha256").read_text() == hashlib.sha256(lib.read_bytes()).hexdigest()
+    except OSError:                         # never built, or a half-written entry
+        return False
+
+
+def _load(lib: Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise RuntimeError(f"loading the compiled library {lib} failed: {e}") from None
+
+
+def cache_dir() -> Path:
+    """$MINQLORA_CACHE, else ~/.cache/minqlora, else (no writable home) <tempdir>/minqlora-<uid>;
+    created with mode 0700 and refused unless it is yours and nobody else can write to it."""
+    how = "choose another folder with MINQLORA_CACHE=/a/private/folder"
+    if os.environ.get("MINQLORA_CACHE"):
+        return private_dir(Path(os.environ["MINQLORA_CACHE"]), "the C++ build cache", how)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minqlora"
+    with contextlib.suppress(OSError):
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (home.is_dir() and os.access(home, os.W_OK | os.X_OK)):
+        home = Path(tempfile.gettempdir(), f"minqlora-{getattr(os, 'getuid', lambda: 0)()}")
+    return private_dir(home, "the C++ build cache", how)
+
+
