@@ -22,6 +22,8 @@ kernel's arguments (launch.kernel_args), so a state is checked the same way. The
 split over CPU threads: OpenMP's where the compiler has it (-fopenmp: the pool torch runs on,
 already awake), else a std::thread per extra worker, which costs enough to start (and meets
 torch's threads, still spinning after their last op) that each needs more weights to pay off.
+Like torch's own operations, the OpenMP pool does not survive os.fork: a forked child decodes
+on one thread (torch.set_num_threads(1), as DataLoader's workers set it).
 """
 import ctypes
 

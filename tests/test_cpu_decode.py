@@ -4,6 +4,7 @@ output dtype and thread count, with OpenMP or with the std::thread fallback."""
 import os
 import stat
 import sys
+import time
 
 import pytest
 import torch
@@ -99,3 +100,24 @@ def test_a_state_on_another_device_or_a_bad_output_is_refused():
         cpu_decode.decode_cpp(packed, state, torch.empty(99))
     with pytest.raises(ValueError, match=r"out must be .*float32/bfloat16/float16"):
         cpu_decode.decode_cpp(packed, state, torch.empty(100, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_on_one_thread_decodes():
+    """The module's fork rule: after the parent used the thread pool, a child with
+    torch.set_num_threads(1) (a DataLoader worker) decodes the same bits and does not hang."""
+    packed, state = quantize_4bit(gaussian((1024, 1024), seed=4))
+    want = mq.dequantize_4bit(packed, state, backend="cpp", dtype=torch.bfloat16)
+    pid = os.fork()
+    if pid == 0:                                    # the child: exit status 0 if all is well
+        torch.set_num_threads(1)
+        got = mq.dequantize_4bit(packed, state, backend="cpp", dtype=torch.bfloat16)
+        os._exit(0 if torch.equal(bits(got), bits(want)) else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
