@@ -41,8 +41,8 @@ import torch
 
 from ._checks import check_dtype
 from .cuda import INSTALL, cupy_or_none, launch_cuda
-from .cpu_decode import decode_cpp
 from .build import find_compiler
+from .cpu_decode import decode_cpp
 from .emulate import launch_emulation
 from .launch import SUFFIX
 from .quant_state import QuantState, check_state

@@ -1,4 +1,4 @@
-"""Backend "cpp": the 4-bit format decoded by a C++ loop written for the CPU (kernels/dequant_cpu.cpp).
+"""Backend "cpp": 4-bit weights decoded by a C++ loop written for the CPU (kernels/dequant_cpu.cpp).
 
 The definition is lesson 04's, out[i] = code[nibble i] * absmax[i // blocksize] in float32, cast
 once. Inside one block that product takes only 16 values, one per code entry, so the loop
@@ -58,7 +58,8 @@ def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = 
     name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
     lib = build_decoder()
     if not n_workers:
-        n_workers = min(torch.get_num_threads(), max(1, n // MIN_WEIGHTS[bool(lib.uses_openmp())]))
+        per_thread = MIN_WEIGHTS[bool(lib.uses_openmp())]
+        n_workers = min(torch.get_num_threads(), max(1, n // per_thread))
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(lib, name.replace("dequant_", "decode_"))
     run(ctypes.c_int(n_workers), *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs),

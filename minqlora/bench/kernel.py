@@ -1,8 +1,9 @@
 """bench section `kernel`: the 4-bit dequantization kernel (lesson 05) beside its references.
 
 CPU: each backend by name (the torch path; kernels/dequant_nf4.cu run by the CPU emulation; the
-C++ CPU decoder "cpp"; "cuda" needs a GPU) and bitsandbytes' CPU dequantize_4bit, on a 4096x4096 NF4 weight (double
-quantized, as QLoRA stores it, and plain) into bf16 and fp32, on all threads and on one. The
+C++ CPU decoder "cpp"; "cuda" needs a GPU) and bitsandbytes' CPU dequantize_4bit, on a 4096x4096
+NF4 weight (double quantized, as QLoRA stores it, and plain) into bf16 and fp32, on all threads
+and on one. The
 row of the backend that backend="auto" picks here is marked. Memory traffic = (bytes read +
 bytes written) / time, beside a copy of as many bytes in the same run: torch.empty_like(src)
 .copy_(src) (a new tensor, as a decode returns: its first writes fault its pages in) and a copy
