@@ -138,5 +138,3 @@ def cache_dir() -> Path:
     if not (home.is_dir() and os.access(home, os.W_OK | os.X_OK)):
         home = Path(tempfile.gettempdir(), f"minqlora-{getattr(os, 'getuid', lambda: 0)()}")
     return private_dir(home, "the C++ build cache", how)
-
-
