@@ -5,13 +5,25 @@ Over TCP, the client picks free ports and the kernel then binds them. Two pytest
 that start kernels at the same moment can pick the same port; the loser's kernel exits at once,
 and nbval then waits for it forever (seen once in CI: a worker stuck in kernel_info). Unix
 socket paths are unique per kernel (a fresh private folder each), so that race cannot happen.
+
+It also gives each pytest run a fresh, private inductor cache (TORCHINDUCTOR_CACHE_DIR), which
+the notebook kernels and pytest-xdist's workers inherit. Inductor's default cache folder is shared
+by every run on a machine, under a key that leaves out ATEN_CPU_CAPABILITY: code compiled on one
+kernel path was reused by .ci/run's rerun on another and returned garbage (values of 1e38, NaN).
+
 Fixtures shared by the test files live in tests/conftest.py.
 """
 import atexit
+import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+if not os.environ.get("MINQLORA_TEST_INDUCTOR_CACHE"):      # the first pytest process of a run
+    _cache = tempfile.mkdtemp(prefix="inductor-")            # 0700, unique to this run
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["MINQLORA_TEST_INDUCTOR_CACHE"] = _cache
 
 try:
     import nbval.kernel

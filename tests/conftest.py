@@ -2,6 +2,10 @@
 import pytest
 import torch
 
+from minqlora.bench.references import import_bitsandbytes
+
+import_bitsandbytes()     # offline and quiet, before any test imports it (bench/references.py)
+
 
 @pytest.fixture
 def bnb_functional():

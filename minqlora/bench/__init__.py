@@ -55,6 +55,9 @@ def print_table(title: str, headers, rows) -> None:
 
 def optional(module: str):
     """Import an optional reference (bitsandbytes, torchao) or return None if it is absent."""
+    if module == "bitsandbytes":
+        from .references import import_bitsandbytes
+        return import_bitsandbytes()
     try:
         return importlib.import_module(module)
     except Exception:  # absent, or present but broken on this machine
@@ -88,6 +91,8 @@ def run_bench(sections=None, quick: bool = False) -> None:
     if unknown:
         raise ValueError(f"run_bench: unknown section(s) {unknown}; choose from {SECTIONS}")
     print(f"[bench] {load()}, torch threads {torch.get_num_threads()}")
+    from .references import describe
+    print(f"[bench] {describe(optional('bitsandbytes'))}")
     goals = {}
     for name in sections or SECTIONS:
         try:
