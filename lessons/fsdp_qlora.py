@@ -39,6 +39,9 @@ def run(steps: int = 8, batch_size: int = 64, seed: int = 0, device: str = "cpu"
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
         distributed.shard_qlora(model, mesh=init_device_mesh(device.split(":")[0], (world,)))
+        for p in model.parameters():                  # my shard: the rows shard_rows names
+            start, stop = distributed.shard_rows(p.shape[0], world, rank)
+            assert torch.equal(distributed.local(p), p.full_tensor()[start:stop])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = distributed.on_shards(PagedAdamW, params, lr=5e-3, weight_decay=0.0,
                                 pager=Pager(None, device=device))

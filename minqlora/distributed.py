@@ -98,6 +98,17 @@ def shard_qlora(model: nn.Module, blocks=None, **fully_shard_kwargs) -> nn.Modul
     return fully_shard(model, **fully_shard_kwargs)
 
 
+def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that rank `rank` of `world` keeps: FSDP2 cuts with
+    torch.chunk, c = ceil(rows / world) rows each, and gives the ranks chunk leaves out none.
+
+    >>> [shard_rows(5, 4, r) for r in range(4)]
+    [(0, 2), (2, 4), (4, 5), (5, 5)]
+    """
+    c = -(-rows // world)
+    return min(rank * c, rows), min((rank + 1) * c, rows)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: writing to it writes to the parameter), or t."""
     if not isinstance(t, DTensor):

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from minqlora import memory, toy
-from minqlora.distributed import ShardableLinear4bit, blocks_of, held_bytes, shardable
+from minqlora.distributed import (ShardableLinear4bit, blocks_of, held_bytes, shard_rows,
+                                  shardable)
 from minqlora.linear4bit import Linear4bit
 from minqlora.qlora import prepare_qlora, trainable_summary
 
@@ -107,6 +108,18 @@ def test_per_gpu_estimates_for_the_readme():
         assert memory.estimate(name, "qlora", gpus=2).total > 24e9
         assert two.weights == -(-one.weights // 2) and two.activations == one.activations
         assert 0 < two.replicated < 1e-3 * two.total            # tables, absmax2, offsets
+
+
+def test_shard_rows_are_torch_chunks():
+    """FSDP2's rule (checked on its real shards inside lessons/fsdp_qlora.py): torch.chunk,
+    and an empty shard for each rank chunk leaves out."""
+    for rows in range(0, 40):
+        for world in range(1, 9):
+            chunks = list(torch.arange(rows).chunk(world)) if rows else []
+            for rank in range(world):
+                start, stop = shard_rows(rows, world, rank)
+                want = chunks[rank].tolist() if rank < len(chunks) else []
+                assert list(range(start, stop)) == want, (rows, world, rank)
 
 
 def shardable_twin(double_quant=True):
