@@ -29,9 +29,10 @@ Optimizers: torch's AdamW runs on DTensors as is. PagedAdamW pages plain tensors
 `on_shards(PagedAdamW, params)` gives it each rank's shard of every parameter and gradient:
 its state is per shard, 1/N of a single process's.
 """
+import sys
+
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
@@ -82,18 +83,18 @@ def shardable(model: nn.Module) -> nn.Module:
     return model
 
 
-def blocks_of(model: nn.Module) -> list:
+def fsdp_blocks(model: nn.Module) -> list:
     """The repeated blocks FSDP wraps one by one: the items of every nn.ModuleList."""
     return [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
 
 
 def shard_qlora(model: nn.Module, blocks=None, **fully_shard_kwargs) -> nn.Module:
     """FSDP2's recipe on a prepare_qlora model, 4-bit weights included: shardable(model), then
-    fully_shard on each block (default: blocks_of(model)), then on the root. kwargs go to every
+    fully_shard on each block (default: fsdp_blocks(model)), then on the root. kwargs go to every
     fully_shard (mesh, mp_policy, reshard_after_forward ...)."""
     from torch.distributed.fsdp import fully_shard
     shardable(model)
-    for block in blocks_of(model) if blocks is None else blocks:
+    for block in fsdp_blocks(model) if blocks is None else blocks:
         fully_shard(block, **fully_shard_kwargs)
     return fully_shard(model, **fully_shard_kwargs)
 
@@ -109,9 +110,16 @@ def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     return min(rank * c, rows), min((rank + 1) * c, rows)
 
 
+def _dtensor():
+    """DTensor's class, or () while torch.distributed.tensor is not loaded (then no tensor is
+    one): importing minqlora does not load it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module else ()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: writing to it writes to the parameter), or t."""
-    if not isinstance(t, DTensor):
+    if not isinstance(t, _dtensor()):
         return t
     with torch.no_grad():                     # a leaf, as an optimizer wants its parameters
         return t.to_local()
@@ -138,7 +146,7 @@ def full_state_dict(model: nn.Module) -> dict:
     sharded tensor all-gathered (DTensor.full_tensor). torch's get_model_state_dict(full_state_
     dict=True) does the same but first looks each key up as an attribute, and bitsandbytes'
     keys (weight.absmax, ...) are not attributes."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v
+    return {k: v.full_tensor() if isinstance(v, _dtensor()) else v
             for k, v in model.state_dict().items()}
 
 

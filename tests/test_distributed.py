@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from minqlora import memory, toy
-from minqlora.distributed import (ShardableLinear4bit, blocks_of, held_bytes, shard_rows,
+from minqlora.distributed import (ShardableLinear4bit, fsdp_blocks, held_bytes, shard_rows,
                                   shardable)
 from minqlora.linear4bit import Linear4bit
 from minqlora.qlora import prepare_qlora, trainable_summary
@@ -167,7 +167,7 @@ def test_shardable_layer_is_the_same_layer(double_quant):
 def test_blocks_and_bytes_of_an_unsharded_model():
     """The blocks are the repeated layers; held_bytes counts as trainable_summary does."""
     model = prepare_qlora(toy.ToyLM(), r=8)
-    assert blocks_of(model) == list(model.layers)
+    assert fsdp_blocks(model) == list(model.layers)
     before = trainable_summary(model)
     held, summary = held_bytes(shardable(model)), trainable_summary(model)
     assert summary == before
