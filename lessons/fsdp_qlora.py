@@ -69,6 +69,7 @@ def run(steps: int = 8, batch_size: int = 64, seed: int = 0, device: str = "cpu"
     if rank == 0 and save:
         torch.save(state, save)
     if sharded:
+        dist.barrier()                                 # no rank leaves while another still talks
         dist.destroy_process_group()
     return {"world": world, "losses": losses, "bytes": per_rank} if rank == 0 else None
 

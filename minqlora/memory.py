@@ -149,7 +149,7 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     if gpus == 1:
         return Estimate(**{**sharded, "quant_constants": constants}, activations=activations)
     root = (2 * c["vocab_size"] * h + h) * weight_bits // 8  # embedding, final norm, lm_head
-    block = (weights - root + constants + sharded["adapters"]) // L
+    block = (weights - root + sharded["quant_constants"] + sharded["adapters"]) // L
     per_gpu = {k: -(-v // gpus) for k, v in sharded.items()}          # 1/N, rounded up
     per_gpu["quant_constants"] += per_layer
     return Estimate(**per_gpu, activations=activations, gathered=root + 2 * block,

@@ -29,7 +29,8 @@ def torchrun(nproc: int, save: Path, *args) -> dict:
            f"--nproc_per_node={nproc}", str(SCRIPT), "--steps", str(STEPS), "--save", str(save),
            *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
+    assert done.returncode == 0, "\n".join(ranks[-40:]) + done.stderr[-1500:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -185,3 +186,64 @@ def test_gpu_ranks_with_nccl_train_like_one_cpu_process(tmp_path):
     assert gpu["losses"] == pytest.approx(cpu["losses"], rel=1e-3)
     for held in gpu["bytes"]:
         assert held["4bit_sharded"] == cpu["bytes"][0]["4bit_sharded"] // nproc
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of one rank in this process (gloo), and its device mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_gathers_the_bytes_for_forward_and_backward_and_never_casts_them(one_rank):
+    """Inside a block's forward and backward the 4-bit layer sees its whole uint8 bytes, between
+    them the sharded DTensor (FSDP freed the whole copy); a bf16 MixedPrecisionPolicy casts the
+    adapters, not the bytes; the output is the unsharded model's (to bf16)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    from minqlora.distributed import shard_qlora
+    torch.manual_seed(0)
+    model = prepare_qlora(toy.ToyLM(), r=8, dropout=0.0, compute_dtype=torch.float32)
+    ids = toy.make_data("sub")["train"][:4, :-1]
+    want = model(ids)
+    base, seen = model.layers[1].q_proj.base, []        # layer 0's input needs no gradient
+    record = lambda what: lambda m, *_: seen.append(  # noqa: E731
+        (what, type(m.weight_packed).__name__, m.weight_packed.dtype, m.weight_packed.numel()))
+    base.register_forward_pre_hook(record("forward"))
+    base.register_full_backward_pre_hook(record("backward"))
+    shard_qlora(model, mesh=one_rank, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    out = model(ids)
+    between = isinstance(base.weight_packed, DTensor)
+    out.float().square().mean().backward()
+    assert seen == [("forward", "Parameter", torch.uint8, 2048),
+                    ("backward", "Parameter", torch.uint8, 2048)]
+    assert between and isinstance(base.weight_packed, DTensor)
+    assert model.layers[0].q_proj.lora_B.weight.grad is not None
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_gathered_bytes_are_the_root_and_one_block_at_a_time(one_rank):
+    """Inside block 1's forward the whole (non-DTensor) parameters are the root's (embedding,
+    final norm, lm_head, kept since the root's forward began) and block 1's own. On a GPU FSDP
+    also prefetches the next block: estimate(gpus=N).gathered counts root + 2 blocks."""
+    from torch.distributed.tensor import DTensor
+
+    from minqlora.distributed import shard_qlora
+    model = prepare_qlora(toy.ToyLM(), r=8, dropout=0.0, compute_dtype=torch.float32)
+    root = sum(p.nbytes for m in (model.embed_tokens, model.norm, model.lm_head)
+               for p in m.parameters())
+    whole = []
+    model.layers[1].q_proj.register_forward_pre_hook(lambda *_: whole.append(sum(
+        p.nbytes for p in model.parameters() if not isinstance(p, DTensor))))
+    shard_qlora(model, mesh=one_rank)
+    model(toy.make_data("sub")["train"][:4, :-1])
+    e = memory.estimate(toy.CONFIG, "qlora", r=8, gpus=2, weight_bits=32, adapter_bits=32)
+    block = whole[0] - root
+    assert block > 0 and e.gathered == root + 2 * block
