@@ -25,9 +25,9 @@ Worked example: a 64x64 q_proj holds 2,048 packed bytes + 64 qabsmax (sharded) a
 bytes of code, absmax2, offset (replicated); each of 2 ranks keeps 1,024 + 32 + 72 = 1,128 of
 its 2,184 bytes, 0.52.
 
-Optimizers: torch's AdamW runs on DTensors as is. PagedAdamW pages plain tensors, so
-`on_shards(PagedAdamW, params)` gives it each rank's shard of every parameter and gradient:
-its state is per shard, 1/N of a single process's.
+Optimizers: torch's own take FSDP2's DTensor parameters (that is how FSDP2 is used).
+PagedAdamW pages plain tensors, so `on_shards(PagedAdamW, params)` gives it each rank's shard
+of every parameter and gradient: its state is per shard, 1/N of a single process's.
 """
 import sys
 
@@ -77,6 +77,9 @@ class ShardableLinear4bit(Linear4bit):
 def shardable(model: nn.Module) -> nn.Module:
     """Make every Linear4bit in `model` a ShardableLinear4bit, in place; returns the model."""
     for m in model.modules():
+        if isinstance(m, Linear4bit) and type(m) not in (Linear4bit, ShardableLinear4bit):
+            raise TypeError(f"shardable: {type(m).__name__} subclasses Linear4bit; making it a "
+                            "ShardableLinear4bit would drop its own methods")
         if type(m) is Linear4bit:
             m.__class__ = ShardableLinear4bit
             m._to_parameters()
@@ -151,8 +154,10 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def on_shards(optimizer_class, params, **kwargs) -> torch.optim.Optimizer:
-    """optimizer_class over this rank's shard of each parameter: step() hands it the shards of
-    the gradients FSDP reduce-scattered; zero_grad() also clears the parameters' gradients."""
+    """optimizer_class over this rank's shard of each trainable parameter in `params` (tensors,
+    not param groups): step() hands it the shards of the gradients FSDP reduce-scattered;
+    zero_grad() also clears the parameters' gradients. Its state_dict() holds this rank's
+    shards: save one per rank (gathering the optimizer's state into one file is not done)."""
     params = [p for p in params if p.requires_grad]
     shards = [local(p) for p in params]
 

@@ -165,6 +165,13 @@ def test_shardable_layer_is_the_same_layer(double_quant):
     assert isinstance(layer._parameters[per_block], nn.Parameter)
 
 
+def test_a_subclass_of_linear4bit_is_refused():
+    class Mine(Linear4bit):
+        pass
+    with pytest.raises(TypeError, match="Mine subclasses Linear4bit"):
+        shardable(nn.Sequential(Mine(64, 64)))
+
+
 def test_blocks_and_bytes_of_an_unsharded_model():
     """The blocks are the repeated layers; held_bytes counts as trainable_summary does."""
     model = prepare_qlora(toy.ToyLM(), r=8)
