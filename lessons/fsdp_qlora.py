@@ -27,12 +27,12 @@ from minqlora.training import answer_loss, one_thread
 def run(steps: int = 8, batch_size: int = 64, seed: int = 0, device: str = "cpu", save=None):
     """Train; returns (on rank 0) {"world", "losses", "bytes": one dict per rank}."""
     sharded = "WORLD_SIZE" in os.environ                  # started by torchrun
+    if device == "cuda":                                  # one GPU per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
     if sharded:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     world, rank = (dist.get_world_size(), dist.get_rank()) if sharded else (1, 0)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-        device = f"cuda:{rank}"
     torch.manual_seed(seed)                           # the same base and adapters on every rank
     model = prepare_qlora(toy.ToyLM(), r=8, alpha=16, dropout=0.0,
                           compute_dtype=torch.float32).to(device)
