@@ -37,5 +37,7 @@ from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_c
 from .microscaling import (MXState, dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4,
                            quantize_nvfp4)
 from . import compare
+# lesson 13: the 4-bit weights sharded across GPUs by PyTorch's FSDP2
+from . import distributed
 
 __version__ = "0.1.0"

@@ -29,6 +29,9 @@ QLoRA stores the same model in about 34 GB, and its r = 64 adapters on all linea
 parameters) add 2 + 2 + 8 bytes each: about 45 GB, under one 48 GB GPU. Activations are an
 estimate (documented in `estimate`), the one part that depends on batch and sequence length.
 
+Across GPUs (lesson 13), estimate(..., gpus=N) gives one GPU's bytes when FSDP shards the
+model over N: LLaMA-2-70B with r = 8 adapters needs about 21 GB on each of two GPUs.
+
 This module counts; it neither allocates nor measures. tests/test_memory.py checks it against
 the bytes actually held by the toy model of toy.py and by qlora.py's layers.
 """
@@ -36,27 +39,20 @@ from dataclasses import dataclass, fields
 
 from ._checks import check_blocksize
 from .double_quant import constants_nbytes
+from .llama_shapes import (LINEARS, PRESETS, check_count, count_params, linear_shapes,
+                           llama_config)
 
 METHODS = ("full16", "lora16", "qlora")
-KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads")
-PRESETS = {  # Hugging Face config.json values of the LLaMA-1 models used in the QLoRA paper
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                     num_hidden_layers=32, num_attention_heads=32),
-    "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                      num_hidden_layers=40, num_attention_heads=40),
-    "llama-33b": dict(vocab_size=32000, hidden_size=6656, intermediate_size=17920,
-                      num_hidden_layers=60, num_attention_heads=52),
-    "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
-                      num_hidden_layers=80, num_attention_heads=64),
-}
 CODEBOOK_BYTES = 16 * 4  # each 4-bit layer keeps its own 16-value float32 code table
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class Estimate:
     """Bytes by part; `.total` sums them. str() gives a one-line summary (GB = 1e9 bytes).
+
+    Per GPU under FSDP (estimate(..., gpus=N)): `gathered` is the whole copies FSDP gathers
+    for compute (a part of the total, shown when not 0); `replicated` is not a part: it says how
+    many bytes of the parts every GPU holds whole, the same on each (the 4-bit tables).
 
     >>> e = Estimate(2_000_000, 0, 500_000, 0, 0, 0)
     >>> e.total, str(e).split("; ")[-1]
@@ -68,13 +64,16 @@ class Estimate:
     gradients: int
     optimizer: int
     activations: int
+    gathered: int = 0
+    replicated: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.parts().values())
 
     def parts(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "replicated" and (f.name != "gathered" or self.gathered)}
 
     def __str__(self):
         scale, unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
@@ -83,35 +82,11 @@ class Estimate:
             f"; total {self.total / scale:.2f} {unit}"
 
 
-def linear_shapes(config) -> list[tuple[str, int, int]]:
-    """(name, in_features, out_features) of the seven linears of one block.
-
-    >>> linear_shapes("llama-7b")[4]
-    ('gate_proj', 4096, 11008)
-    """
-    c = _config(config)
-    h, m = c["hidden_size"], c["intermediate_size"]
-    mlp = [("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
-    return [(n, h, h) for n in LINEARS[:4]] + mlp
-
-
-def count_params(config) -> int:
-    """All parameters of the model.
-
-    >>> count_params("llama-65b")
-    65285660672
-    """
-    c = _config(config)
-    h, L = c["hidden_size"], c["num_hidden_layers"]
-    per_block = sum(i * o for _, i, o in linear_shapes(c)) + 2 * h
-    return L * per_block + 2 * c["vocab_size"] * h + h
-
-
 def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize: int = 64,
              double_quant: bool = True, weight_bits: int = 16, adapter_bits: int = 16,
              grad_bits: int = 16, optimizer_bytes: int = 8, master_weights: bool = False,
              batch_size: int = 1, seq_len: int = 512, activation_bits: int = 16,
-             gradient_checkpointing: bool = True) -> Estimate:
+             gradient_checkpointing: bool = True, gpus: int = 1) -> Estimate:
     """Bytes to fine-tune `config` (a preset name or a dict with Hugging Face LLaMA keys).
 
     method: "full16", "lora16" or "qlora" (see the module docstring for what each stores).
@@ -122,14 +97,22 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     activations: with gradient_checkpointing, one saved hidden state per block
     (L * batch * seq * h); without, what a block saves for backward with fused attention
     (about 10h + 3m values per token per block). Both at activation_bits.
+    gpus: N > 1 gives the bytes of one of N GPUs under FSDP (lesson 13), batch_size per GPU.
+    FSDP shards every parameter, 4-bit bytes and per-block absmaxes included, with its
+    gradient and optimizer state: 1/N of each on each GPU. Replicated: each 4-bit layer's code
+    table, absmax2 and offset (distributed.py) and each GPU's own activations. Gathered, whole
+    for compute: the root's parameters (embedding, final norm, lm_head: FSDP2 keeps them from
+    forward through backward) and two blocks (the one computing, the next one prefetched).
 
     >>> e = estimate("llama-65b", "full16")
     >>> round((e.weights + e.gradients + e.optimizer) / 1e9)
     783
     >>> estimate("llama-65b", "qlora").total < 48e9
     True
+    >>> round(estimate("llama-2-70b", "qlora", r=8, gpus=2).total / 1e9, 1)   # per GPU
+    21.4
     """
-    c = _config(config)
+    c = llama_config(config)
     if method not in METHODS:
         raise ValueError(f"estimate: method must be one of {METHODS}, got {method!r}")
     target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -140,49 +123,37 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     check_blocksize(blocksize, "estimate")
     counts = dict(r=r, weight_bits=weight_bits, adapter_bits=adapter_bits, grad_bits=grad_bits,
                   activation_bits=activation_bits, batch_size=batch_size,
-                  optimizer_bytes=optimizer_bytes, seq_len=seq_len)
+                  optimizer_bytes=optimizer_bytes, seq_len=seq_len, gpus=gpus)
     for name, value in counts.items():      # sizes count from 0, the rest from 1
-        _check_count(value, f"estimate: {name}", 0 if name in ("batch_size", "seq_len",
+        check_count(value, f"estimate: {name}", 0 if name in ("batch_size", "seq_len",
                                                               "optimizer_bytes") else 1)
     h, m, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     shapes = [s for s in linear_shapes(c) if s[0] in target_modules]
     n_all = count_params(c)
     n_adapter = L * sum(r * (i + o) for _, i, o in shapes) if method != "full16" else 0
     trainable = n_all if method == "full16" else n_adapter
-    weights, constants = n_all * weight_bits // 8, 0
+    weights, constants, per_layer = n_all * weight_bits // 8, 0, 0
     if method == "qlora":  # targeted linears are stored in 4 bits, the rest stays at weight_bits
         n_q = [i * o for _, i, o in shapes]
         weights -= L * sum(n_q) * weight_bits // 8
         weights += L * sum((n + 1) // 2 for n in n_q)
         constants = L * sum(constants_nbytes(n, blocksize, double_quant) + CODEBOOK_BYTES
-                            for n in n_q)
+                            for n in n_q)       # per_layer: all but the per-block absmaxes
+        per_layer = constants - L * sum(-(-n // blocksize) * (1 if double_quant else 4)
+                                        for n in n_q)
     per_token = h if gradient_checkpointing else 10 * h + 3 * m
-    return Estimate(
-        weights=weights, quant_constants=constants,
-        adapters=n_adapter * adapter_bits // 8,
-        gradients=trainable * grad_bits // 8,
-        optimizer=trainable * (optimizer_bytes + (4 if master_weights else 0)),
-        activations=L * batch_size * seq_len * per_token * activation_bits // 8)
-
-
-def _config(config) -> dict:
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"memory: unknown preset {config!r}; choose one of {list(PRESETS)} "
-                             "or pass a dict with Hugging Face LLaMA keys")
-        return PRESETS[config]
-    missing = [k for k in KEYS if k not in config]
-    if missing:
-        raise ValueError(f"memory: config is missing {missing}; expected the Hugging Face LLaMA "
-                         f"keys {list(KEYS)}")
-    for k in KEYS:
-        _check_count(config[k], f"memory: config[{k!r}]", 1)
-    return config
-
-
-def _check_count(value, what: str, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise ValueError(f"{what} must be an integer >= {lowest}, got {value!r}")
+    sharded = dict(weights=weights, quant_constants=constants - per_layer,
+                   adapters=n_adapter * adapter_bits // 8, gradients=trainable * grad_bits // 8,
+                   optimizer=trainable * (optimizer_bytes + (4 if master_weights else 0)))
+    activations = L * batch_size * seq_len * per_token * activation_bits // 8
+    if gpus == 1:
+        return Estimate(**{**sharded, "quant_constants": constants}, activations=activations)
+    root = (2 * c["vocab_size"] * h + h) * weight_bits // 8  # embedding, final norm, lm_head
+    block = (weights - root + sharded["quant_constants"] + sharded["adapters"]) // L
+    per_gpu = {k: -(-v // gpus) for k, v in sharded.items()}          # 1/N, rounded up
+    per_gpu["quant_constants"] += per_layer
+    return Estimate(**per_gpu, activations=activations, gathered=root + 2 * block,
+                    replicated=per_layer)
 
 
 def table(models=tuple(PRESETS), methods=METHODS, **assumptions) -> list[tuple[str, str, float]]:

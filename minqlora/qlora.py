@@ -172,7 +172,8 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
     total                                 440 bytes
     """
     layers4 = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    quantized = {id(b) for m in layers4 for b in m.buffers()}
+    quantized = {id(b) for m in layers4 for b in (*m.buffers(), *m.parameters())  # parameters:
+                 if b is not m.bias}                       # distributed.shardable's layers
     adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
                 for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
     params = list(model.parameters())
@@ -182,7 +183,7 @@ def trainable_summary(model: nn.Module) -> QLoRASummary:
         return sum(t.nbytes for t in params + list(model.buffers()) if keep(id(t)))
     return QLoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params) + params_4bit,
+        total=sum(p.numel() for p in params if id(p) not in quantized) + params_4bit,
         bytes_4bit=nbytes(lambda i: i in quantized),
         bytes_adapters=nbytes(lambda i: i in adapters),
         bytes_other=nbytes(lambda i: i not in quantized and i not in adapters),

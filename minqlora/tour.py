@@ -127,7 +127,8 @@ def save_plot(results, path) -> None:
 
 
 def memory_table() -> None:
-    from .memory import METHODS, PRESETS, estimate
+    from .llama_shapes import PRESETS
+    from .memory import METHODS, estimate
     print("Memory to fine-tune LLaMA (GB; weights + constants + adapters + gradients + AdamW"
           " state + checkpointed activations at batch 1 x 512 tokens; r=64 on all linears)")
     print(f"{'model':<11}" + "".join(f"{m:>10}" for m in METHODS) + "   QLoRA fits one GPU of")
