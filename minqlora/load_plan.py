@@ -7,9 +7,8 @@ checkpoint.py reads and writes the files).
                             Transformers model declares ({target: source} all_tied_weights_keys)
     plan(model, tensors)    every problem, and for each nn.Linear the file holds in 4 bits a
                             Linear4bit made of the file's own tensors (no float weight made)
-    apply(model, tensors, layers)   the load: those layers swapped in, Linear4bit states loaded,
-                            the rest copied in, or put in place without a copy where the model
-                            holds a meta-device tensor; then every tie made again
+    apply(model, tensors, layers)   the load: those layers swapped in, the rest copied in (a
+                            meta-device tensor: replaced by the file's), every tie made again
 
 Worked example: a tied LLaMA skeleton (parameters on the meta device, as accelerate's
 init_empty_weights() builds it) and Transformers' 4-bit file of it: each layer's 7 nn.Linear
@@ -25,6 +24,7 @@ from .bnb_layout import QUANT_STATE
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
 from .qlora import replace_module
+from .save_guard import guard_save_pretrained
 
 MARK = "weight." + QUANT_STATE          # the key of a 4-bit state's JSON, after the layer's path
 
@@ -152,17 +152,14 @@ def plan(model: nn.Module, tensors: dict, compute_dtype) -> tuple:
 
 def _held(model: nn.Module, tensors: dict) -> set:
     """File keys the load fills: those in the file, and those tied to one in the file."""
-    held, names = set(tensors), lambda k: file_name(model, k)
-    for target, source in ties(model).items():
-        if names(target) in tensors or names(source) in tensors:
-            held |= {names(target), names(source)}
-    return held
+    pairs = [(file_name(model, t), file_name(model, s)) for t, s in ties(model).items()]
+    return set(tensors).union(*[{t, s} for t, s in pairs if t in tensors or s in tensors])
 
 
 def _slot(model: nn.Module, key: str) -> tuple:
     """(the dict holding parameter or buffer `key`, its name there)."""
-    path, _, attr = key.rpartition(".")
-    module = model.get_submodule(path)
+    module, _, attr = key.rpartition(".")
+    module = model.get_submodule(module)
     return (module._parameters if attr in module._parameters else module._buffers), attr
 
 
@@ -197,4 +194,6 @@ def apply(model: nn.Module, tensors: dict, built: dict) -> nn.Module:
                       else (source, target))
         (slots, attr), (kept, name) = _slot(model, drop), _slot(model, keep)
         slots[attr] = kept[name]
+    if built:
+        guard_save_pretrained(model)              # its save_pretrained would lose the 4 bits
     return model
