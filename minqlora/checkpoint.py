@@ -87,8 +87,8 @@ def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
     if not is_folder(path):
         return write_safetensors(tensors, path)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    skip = [file_name(model, n + ".weight").removesuffix(".weight")
-            for n, m in model.named_modules() if type(m) is nn.Linear]
+    skip = [name.removesuffix(".weight") for n, m in model.named_modules()      # not adapters
+            if type(m) is nn.Linear and (name := file_name(model, n + ".weight"))]
     config = folder_config(model, quantization_config(layers, skip))
     check_target(path)
     os.makedirs(path, exist_ok=True)

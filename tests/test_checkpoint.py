@@ -1,5 +1,6 @@
 """save_4bit / load_4bit: Transformers' layout of a bitsandbytes 4-bit model, both ways; strict
 and all-or-nothing loading."""
+import copy
 import json
 import os
 
@@ -227,3 +228,158 @@ def test_what_minqlora_writes_transformers_loads(llama, tmp_path):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
+
+
+# a tiny tied-embedding LLaMA made in code: folders both ways, skeletons, save_pretrained -------
+def tied_llama(transformers, seed=0):
+    """A float32 LLaMA whose lm_head IS its embedding, widths multiples of 64 (see above)."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=16,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+IDS = torch.tensor([[1, 5, 9, 2, 30, 7, 63]])
+
+
+@pytest.fixture(scope="module")
+def tied_files(hf, tmp_path_factory):
+    """(folder, the float model): Transformers' own 4-bit saves of tied_llama(seed 0),
+    quantized from its float32 folder: one model.safetensors ("tf"), and sharded."""
+    folder = tmp_path_factory.mktemp("tied")
+    tied_llama(hf).save_pretrained(folder / "fp32")
+    quantization = hf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    theirs = hf.AutoModelForCausalLM.from_pretrained(folder / "fp32", device_map="cpu",
+                                                     quantization_config=quantization)
+    theirs.save_pretrained(folder / "tf")
+    theirs.save_pretrained(folder / "sharded", max_shard_size="40KB")
+    return folder, theirs.eval()
+
+
+def skeleton(transformers, config):
+    """The model with its parameters on the meta device, buffers real (no float weights)."""
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_folder_round_trip_both_ways_with_tied_embeddings(hf, tmp_path):
+    """mq.save_4bit(model, folder) -> from_pretrained(folder) is a bitsandbytes 4-bit model with
+    the same weights, its head tied, computing the same; and mq.load_4bit reads it back."""
+    import bitsandbytes as bnb
+    model = mq_prepared = prepare_qlora(tied_llama(hf), r=4)
+    save_4bit(model, tmp_path / "mq")
+    assert sorted(os.listdir(tmp_path / "mq")) == ["config.json", "model.safetensors"]
+    tensors = safetensors.load_file(tmp_path / "mq" / "model.safetensors")
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+    config = json.loads((tmp_path / "mq" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert config["quantization_config"]["llm_int8_skip_modules"] == ["lm_head"]
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "mq", device_map="cpu").eval()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    layers = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(weight, model.get_submodule(name).base.dequantize()), name
+    with torch.no_grad():
+        ours = mq_prepared(IDS).logits
+        torch.testing.assert_close(theirs(IDS).logits, ours, rtol=2e-2, atol=2e-2)
+
+
+def test_transformers_own_save_of_a_tied_model_loads(hf, tied_files):
+    """Transformers writes the tied head once; load_4bit ties it again, into a prepared model or
+    a skeleton, and computes what Transformers' model computes (bf16 both)."""
+    folder, theirs = tied_files
+    assert "lm_head.weight" not in safetensors.load_file(folder / "tf" / "model.safetensors")
+    models = []
+    for back in (prepare_qlora(tied_llama(hf, seed=1), r=4), skeleton(hf, theirs.config)):
+        back = load_4bit(back, folder / "tf").eval()
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+        with torch.no_grad():
+            models.append(back(IDS).logits)
+            torch.testing.assert_close(models[-1], theirs(IDS).logits, rtol=2e-2, atol=2e-2)
+    assert torch.equal(*models)
+
+
+def test_a_skeleton_loads_without_float_weights_and_prepares(hf, tmp_path):
+    """Parameters on the meta device: nn.Linear -> Linear4bit of the file's own tensors (no
+    copy), the embedding the file's tensor itself; prepare_qlora then adds adapters."""
+    model = prepare_qlora(tied_llama(hf), r=4)
+    save_4bit(model, tmp_path / "mq")
+    back = load_4bit(skeleton(hf, model.config), tmp_path / "mq")
+    assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
+    assert isinstance(back.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert back.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16   # the config's
+    back = prepare_qlora(back, r=4).eval()
+    assert isinstance(back.model.layers[0].mlp.up_proj.base, Linear4bit)
+    assert type(back.lm_head) is nn.Linear and back.lm_head.weight is back.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, model(IDS).logits)
+    with torch.device("meta"):                                 # buffers on meta too: refused
+        bare = hf.AutoModelForCausalLM.from_config(model.config)
+    with pytest.raises(ValueError, match=r"rotary_emb.inv_freq is on the meta device.*"
+                                         r"init_empty_weights"):
+        load_4bit(bare, tmp_path / "mq")
+    assert all(t.is_meta for t in bare.parameters())           # unchanged
+
+
+def test_save_pretrained_of_a_prepared_model_refuses_and_names_save_4bit(hf, tmp_path):
+    model = prepare_qlora(tied_llama(hf), r=4)
+    for owner in (model, model.model):
+        with pytest.raises(TypeError, match=r"mq.save_4bit\(model, folder\)"):
+            owner.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    copied = copy.deepcopy(model)                              # the guard follows a copy
+    with pytest.raises(TypeError, match="mq.save_adapter"):
+        copied.save_pretrained(tmp_path / "out")
+    from minqlora.merge import merge_qlora
+    plain = merge_qlora(copied)                                # plain again: saves as usual
+    plain.save_pretrained(tmp_path / "plain")
+    again = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, plain(IDS).logits)
+
+
+def test_sharded_folders_are_read_and_bad_folders_refused(hf, tied_files, tmp_path):
+    folder, theirs = tied_files
+    shards = sorted(p.name for p in (folder / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "sharded" / "model.safetensors.index.json").exists()
+    model = load_4bit(skeleton(hf, theirs.config), folder / "tf").eval()
+    back = load_4bit(skeleton(hf, theirs.config), folder / "sharded").eval()
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, model(IDS).logits)
+    index = json.loads((folder / "sharded" / "model.safetensors.index.json").read_text())
+    cases = [("../model.safetensors", "is not a .safetensors file name in the folder"),
+             ("model-00009-of-00009.safetensors", "is missing")]
+    for shard, message in cases:
+        bad = tmp_path / f"bad{len(message)}"
+        bad.mkdir()
+        for name in shards:
+            (bad / name).write_bytes((folder / "sharded" / name).read_bytes())
+        first = next(iter(index["weight_map"]))
+        (bad / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {**index["weight_map"], first: shard}}))
+        with pytest.raises(ValueError, match=message):
+            load_4bit(prepare_qlora(tied_llama(hf), r=4), bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither model.safetensors nor"):
+        load_4bit(model, tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds a sharded checkpoint"):
+        save_4bit(prepare_qlora(tied_llama(hf), r=4), folder / "sharded")
+    with pytest.raises(ValueError, match="no Transformers config"):
+        save_4bit(nn.Sequential(Linear4bit(64, 64)), tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
