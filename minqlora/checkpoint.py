@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .folders import (check_target, folder_compute_dtype, folder_config, index_keys, is_folder,
-                      quantization_config, read_config, weight_files, write_json, WEIGHTS)
+                      quantization_config, read_config, weight_files, write_json, CONFIG, WEIGHTS)
 from .linear4bit import Linear4bit
 from .load_plan import apply, file_name, plan, ties
 from .merge import merge_qlora
@@ -93,7 +93,7 @@ def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
     check_target(path)
     os.makedirs(path, exist_ok=True)
     write_safetensors(tensors, os.path.join(path, WEIGHTS))
-    write_json(os.path.join(path, "config.json"), config)
+    write_json(os.path.join(path, CONFIG), config)
 
 
 def read_safetensors(path) -> dict:

@@ -23,7 +23,9 @@ import tempfile
 
 import torch
 
-WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
 
 
 def is_folder(path) -> bool:
