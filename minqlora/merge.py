@@ -8,9 +8,9 @@
 
 Worked example: a 4-bit 256 x 256 layer with trained-looking adapters (B ~ N(0, 0.02), r = 8),
 computing in float32: merging into the dequantized float32 weight changes the output by float
-rounding only (< 1e-5 relative; bf16 compute: see merge_qlora); quantizing the merge to NF4 again changes it by about as much as the adapters
-themselves add, which is why PEFT warns when merging into a 4-bit model (the doctest below;
-lesson 10 measures it on the toy model).
+rounding only (< 1e-5 relative; bf16 compute: see merge_qlora); quantizing the merge to NF4
+again changes it by about as much as the adapters themselves add, which is why PEFT warns when
+merging into a 4-bit model (the doctest below; lesson 10 measures it on the toy model).
 
 Converting a model is qlora.py's business, the layers lora.py's and linear4bit.py's.
 """
