@@ -58,7 +58,8 @@ def test_merge_requantized_is_4bit_again_in_the_base_format():
     expected = model.mlp.base.dequantize() + delta                     # W + scaling * B @ A
     bare = Linear4bit.from_linear(nn.Linear(16, 16))
     model.norm = nn.Sequential(bare)                                   # left as it is
-    merged = merge_qlora(copy.deepcopy(model), requantize=True)
+    with pytest.warns(UserWarning, match=r"requantize=True"):
+        merged = merge_qlora(copy.deepcopy(model), requantize=True)
     layer = merged.mlp
     assert type(layer) is Linear4bit and (layer.quant_type, layer.blocksize, layer.double_quant,
                                           layer.compute_dtype) == ("fp4", 32, False, torch.bfloat16)
