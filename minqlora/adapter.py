@@ -4,7 +4,8 @@
                                 base_model.model.<module path>.lora_B.weight   B: (out, r)
     adapter_config.json         {"peft_type": "LORA", "r": 64, "lora_alpha": 16,
                                  "lora_dropout": 0.1, "target_modules": ["down_proj", ...],
-                                 "bias": "none", "fan_in_fan_out": false, "task_type": null, ...}
+                                 "bias": "none", "fan_in_fan_out": false,
+                                 "task_type": "CAUSAL_LM", "base_model_name_or_path": ...}
 
 PEFT's LoRA computes h = W x + b + (lora_alpha / r) * B A dropout(x): lesson 06's LoRALinear,
 scaling = alpha / r, with the same names (lora_A, lora_B). "base_model.model." is where PEFT's
@@ -15,6 +16,10 @@ each module's name (prepare_qlora's rule), a string as a regular expression on t
 Worked example: ToyLM prepared at r=4 has 14 adapted linears, so the safetensors file holds 28
 tensors; layers.0.q_proj's are base_model.model.layers.0.q_proj.lora_A.weight (4, 64) and
 ...lora_B.weight (64, 4), and the config says target_modules ["down_proj", ..., "v_proj"].
+
+task_type and base_model_name_or_path let PEFT pick its class (PeftModelForCausalLM) and
+AutoPeftModelForCausalLM.from_pretrained(folder) find the base model: save_adapter takes
+them, or reads them off a Transformers model (its class name, its config's _name_or_path).
 
 Settings that change PEFT's formula (use_rslora: alpha / sqrt(r), use_dora, biases, ranks
 per module) have no counterpart in LoRALinear: load_adapter refuses them by name.
@@ -35,6 +40,8 @@ PLAIN = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": Fa
          "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
          "modules_to_save": None, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "use_qalora": False}   # PEFT's defaults, all ours
+TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForSequenceClassification":
+         "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 def _matches(name: str, targets) -> bool:
@@ -79,13 +86,35 @@ def _write(path, write) -> None:
             os.remove(temporary)
 
 
-def save_adapter(model: nn.Module, directory) -> None:
-    """Write the LoRA adapters of a prepared model as a PEFT adapter folder."""
+def peft_fields(model: nn.Module, task_type=None, base_model_name_or_path=None) -> dict:
+    """PEFT's task_type and base_model_name_or_path: as given, else from a Transformers model's
+    class name and config (config._name_or_path: the folder or Hub id it came from), else None.
+
+    >>> class LlamaForCausalLM(nn.Module): pass
+    >>> peft_fields(LlamaForCausalLM(), base_model_name_or_path="out/base")
+    {'task_type': 'CAUSAL_LM', 'base_model_name_or_path': 'out/base'}
+    """
+    name = type(model).__name__
+    task_type = task_type or next((t for end, t in TASKS.items() if name.endswith(end)), None)
+    if task_type not in (None, "FEATURE_EXTRACTION", *TASKS.values()):
+        raise ValueError(f"save_adapter: task_type {task_type!r} is none of PEFT's "
+                         f"{sorted(TASKS.values()) + ['FEATURE_EXTRACTION']}")
+    base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not isinstance(base, (str, os.PathLike)):
+        raise ValueError(f"save_adapter: base_model_name_or_path must be a path or a Hub id, "
+                         f"got {base!r}")
+    return {"task_type": task_type, "base_model_name_or_path": os.fspath(base) or None}
+
+
+def save_adapter(model: nn.Module, directory, task_type=None,
+                 base_model_name_or_path=None) -> None:
+    """Write the LoRA adapters of a prepared model as a PEFT adapter folder; task_type and
+    base_model_name_or_path as peft_fields gives them."""
     from safetensors.torch import save_file
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layers (prepare_qlora first)")
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+    config = {"peft_type": "LORA", **peft_fields(model, task_type, base_model_name_or_path),
               "revision": None, "inference_mode": True,
               "r": _one(layers, "r", lambda m: m.r),
               "lora_alpha": _one(layers, "lora_alpha", lambda m: m.alpha),

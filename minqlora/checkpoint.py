@@ -1,7 +1,8 @@
-"""A whole 4-bit model as Transformers stores one: a safetensors file (lesson 10).
+"""A whole 4-bit model as Transformers stores one: a safetensors file or folder (lesson 10).
 
     save_4bit(model, path):  the model's state_dict, each LoRALinear's base named as the plain
-                             model names it and its lora_A / lora_B left out -> safetensors
+                             model names it, its lora_A / lora_B left out, each tied tensor once
+                             -> one .safetensors file, or a folder Transformers opens (folders.py)
     load_4bit(model, path):  the inverse, all or nothing: every key and tensor is checked first
 
 The keys are module paths, as in the model.safetensors that Transformers writes for a model
@@ -18,57 +19,30 @@ q_proj.base.weight; the file says q_proj.weight, as the plain model (and Transfo
 it holds the base model, which has no adapters. The adapters go to PEFT's adapter folder
 (adapter.py), where PEFT names the same module base_model.model.<path>.lora_A.weight.
 
+Tied weights: lm_head.weight IS model.embed_tokens.weight in a model that ties its embeddings;
+the file holds it once, under its first name, as Transformers writes it, and a load ties it
+again. Building without the float model: an nn.Linear the file holds in 4 bits, even one on
+the meta device, becomes a Linear4bit made of the file's bytes (load_plan.py).
+
 Worked example: a 64 -> 64 layer, NF4 + double quantization, is 7 entries: weight (2048, 1),
 absmax (64,), quant_map (16,), nested_absmax (1,), nested_quant_map (256,), the JSON, bias.
 """
+import copy
 import os
 import tempfile
 
+import torch
 from torch import nn
 
+from .folders import (check_target, folder_compute_dtype, folder_config, index_keys, is_folder,
+                      quantization_config, read_config, weight_files, write_json, CONFIG, WEIGHTS)
 from .linear4bit import Linear4bit
-from .lora import LoRALinear
-
-
-def file_name(model: nn.Module, key: str):
-    """The key a file uses for model.state_dict()'s `key`: ".base." of a LoRALinear dropped,
-    None for its adapters (they are not part of the base model).
-
-    >>> model = nn.Sequential(LoRALinear(nn.Linear(2, 2), r=1))
-    >>> [file_name(model, k) for k in model.state_dict()]
-    ['0.weight', '0.bias', None, None]
-    """
-    parts, module, at = key.split("."), model, None
-    for i, part in enumerate(parts):              # the innermost LoRALinear on the key's path
-        if isinstance(module, LoRALinear):
-            at = i
-        module = module._modules.get(part) if isinstance(module, nn.Module) else None
-    if at is None:
-        return key
-    rest = parts[at:]
-    if rest[0] in ("lora_A", "lora_B"):
-        return None
-    return ".".join(parts[:at] + (rest[1:] if rest[0] == "base" else rest))
-
-
-def _layers(model: nn.Module) -> dict:
-    """{file prefix: (the model's prefix, Linear4bit)}: "q_proj." for "q_proj.base."."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Linear4bit):
-            own = name + "." if name else ""
-            layers[file_name(model, own + "weight").removesuffix("weight")] = (own, module)
-    return layers
-
-
-def _group(tensors, prefix: str, layer) -> set:
-    """The keys of one Linear4bit in `tensors`: weight, weight.*, and bias if it has one."""
-    return {k for k in tensors if k == prefix + "weight" or k.startswith(prefix + "weight.")
-            or (k == prefix + "bias" and layer.bias is not None)}
+from .load_plan import apply, file_name, plan, ties
+from .merge import merge_qlora
 
 
 def base_state_dict(model: nn.Module) -> dict:
-    """{file key: tensor} of everything but the adapters (what save_4bit writes)."""
+    """{file key: tensor} of everything but the adapters (tied tensors under each name)."""
     tensors = {}
     for key, tensor in model.state_dict().items():
         name = file_name(model, key)
@@ -77,19 +51,12 @@ def base_state_dict(model: nn.Module) -> dict:
     return tensors
 
 
-def save_4bit(model: nn.Module, path) -> None:
-    """Write the model's base (4-bit layers in bitsandbytes' layout, the rest as it is) as one
-    safetensors file with Transformers' metadata {"format": "pt"}, through a temporary file
-    that replaces `path` only once complete. Tied (shared) tensors are written as copies."""
+def write_safetensors(tensors: dict, path) -> None:
+    """Write `tensors` with Transformers' metadata {"format": "pt"} through a private temporary
+    file that replaces `path` only once complete."""
     from safetensors.torch import save_file
-    tensors, seen = {}, set()
-    for name, tensor in base_state_dict(model).items():
-        tensor = tensor.detach().contiguous().cpu()
-        place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        tensors[name] = tensor.clone() if place in seen or tensor.numel() == 0 else tensor
-        seen.add(place)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                         suffix=".safetensors.tmp")
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata={"format": "pt"})
@@ -97,6 +64,36 @@ def save_4bit(model: nn.Module, path) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
+    """Write the model's base: 4-bit layers in bitsandbytes' layout, the rest as it is, each
+    tied tensor once. `path` ending in .safetensors: that one file. Otherwise a folder that
+    AutoModelForCausalLM.from_pretrained(path) opens as a bitsandbytes 4-bit model:
+    model.safetensors and config.json (the model's Transformers config + quantization_config).
+    The adapters are left out (save_adapter writes them), or with merge=True merged and
+    quantized again first (merge_qlora(requantize=True), on a copy: it warns what that keeps)."""
+    if merge:
+        model = merge_qlora(copy.deepcopy(model), requantize=True)
+    tied = {file_name(model, k) for k in ties(model, declared=False)}
+    tensors, seen = {}, set()
+    for name, tensor in base_state_dict(model).items():
+        if name in tied:
+            continue                                  # written once, under its first name
+        tensor = tensor.detach().contiguous().cpu()
+        place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[name] = tensor.clone() if place in seen or tensor.numel() == 0 else tensor
+        seen.add(place)
+    if not is_folder(path):
+        return write_safetensors(tensors, path)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    skip = [name.removesuffix(".weight") for n, m in model.named_modules()      # not adapters
+            if type(m) is nn.Linear and (name := file_name(model, n + ".weight"))]
+    config = folder_config(model, quantization_config(layers, skip))
+    check_target(path)
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(tensors, os.path.join(path, WEIGHTS))
+    write_json(os.path.join(path, CONFIG), config)
 
 
 def read_safetensors(path) -> dict:
@@ -109,45 +106,44 @@ def read_safetensors(path) -> dict:
         raise ValueError(f"{path}: cannot read it as a safetensors file ({error})") from None
 
 
+def read_4bit(path) -> tuple:
+    """(tensors, config) of a .safetensors file ({} config) or of a Transformers folder: its
+    model.safetensors, or every shard its index names (each key once, as the index says)."""
+    if not is_folder(path):
+        return read_safetensors(path), {}
+    tensors, where = {}, {}
+    for file in weight_files(path):
+        for key, tensor in read_safetensors(file).items():
+            if key in tensors:
+                raise ValueError(f"{path}: {key!r} is in both {where[key]} and {file}")
+            tensors[key], where[key] = tensor, os.path.basename(file)
+    index = index_keys(path)
+    wrong = sorted(k for k in index.keys() | where.keys() if index and index.get(k) != where.get(k))
+    if wrong:
+        raise ValueError(f"{path}: the index and the shards disagree on {wrong[:5]}")
+    return tensors, read_config(path)
+
+
 def check_4bit(model: nn.Module, tensors: dict) -> list:
     """Every problem of loading `tensors` (file keys) into `model`, as messages naming keys:
-    missing and unexpected keys, sizes, and each Linear4bit's state (checked as its load does)."""
-    layers, grouped, problems = _layers(model), set(), []
-    for prefix, (_, layer) in layers.items():
-        group = _group(tensors, prefix, layer)
-        grouped |= group
-        if prefix + "weight" not in group:
-            problems.append(f"missing key {prefix + 'weight'!r} (a Linear4bit)")
-            continue
-        try:
-            layer.parse_state_dict({k: tensors[k] for k in group}, prefix)
-        except ValueError as error:
-            problems.append(str(error))
-        if layer.bias is not None and prefix + "bias" not in group:
-            problems.append(f"missing key {prefix + 'bias'!r}")
-    plain = {k: v for k, v in base_state_dict(model).items()
-             if not any(_group([k], prefix, layer) for prefix, (_, layer) in layers.items())}
-    problems += [f"missing key {k!r}" for k in plain if k not in tensors]
-    problems += [f"unexpected key {k!r}" for k in tensors if k not in plain and k not in grouped]
-    problems += [f"size mismatch for {k}: {list(tensors[k].shape)} in the file, "
-                 f"{list(v.shape)} in the model" for k, v in plain.items()
-                 if k in tensors and tensors[k].shape != v.shape]
-    return problems
+    missing and unexpected keys, sizes, each 4-bit layer's state (checked as its load does),
+    and tensors left on the meta device."""
+    return plan(model, tensors, torch.bfloat16)[0]
 
 
-def load_4bit(model: nn.Module, path) -> nn.Module:
-    """Load a file written by save_4bit or by Transformers (a bitsandbytes 4-bit model) into a
-    model of Linear4bit layers (e.g. prepare_qlora's), strict about keys; the adapters stay as
-    they are. Everything is checked before anything changes: on error the model is unchanged."""
-    tensors = read_safetensors(path)
-    problems = check_4bit(model, tensors)
+def load_4bit(model: nn.Module, path, compute_dtype=None) -> nn.Module:
+    """Load a file or folder written by save_4bit or by Transformers (a bitsandbytes 4-bit
+    model) into a model, strict about keys, and return it; the adapters stay as they are.
+    The model's Linear4bit layers take the file's states; its nn.Linear layers that the file
+    holds in 4 bits (meta-device ones too: a skeleton, no float weights made) become Linear4bit
+    layers computing in compute_dtype (default: the folder's bnb_4bit_compute_dtype, else
+    bfloat16); meta-device tensors are replaced by the file's, without a copy. Tied weights
+    are tied again. Everything is checked before anything changes: on error the model is
+    unchanged."""
+    tensors, config = read_4bit(path)
+    dtype = compute_dtype or folder_compute_dtype(config) or torch.bfloat16
+    problems, layers = plan(model, tensors, dtype)
     if problems:
         raise ValueError(f"load_4bit: {path} does not fit the model ({len(problems)} "
                          f"problem(s)):\n  " + "\n  ".join(problems[:20]))
-    to_model = {name: key for key in model.state_dict()
-                if (name := file_name(model, key)) is not None}
-    for prefix, (own, layer) in _layers(model).items():    # its nesting may differ from the file
-        to_model.update({k: own + k[len(prefix):] for k in _group(tensors, prefix, layer)})
-    result = model.load_state_dict({to_model[k]: v for k, v in tensors.items()}, strict=False)
-    assert not result.unexpected_keys, result     # checked above; adapters are left out
-    return model
+    return apply(model, tensors, layers)

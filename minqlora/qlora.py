@@ -20,10 +20,10 @@ tied to another module's. Those it leaves as they are, frozen, lists in model.ql
 ({name: reason}) and names in one UserWarning. A module registered under two names is replaced
 under both by one LoRALinear, so it stays shared.
 
-Left to other modules: the layers themselves (lora.py, linear4bit.py), merging the adapters
-back (merge.py) and the optimizer.
-Not done here (as PEFT's prepare_model_for_kbit_training would): gradient checkpointing and
-upcasting layer norms; this function only swaps layers and freezes.
+Bare Linear4bit layers (load_4bit's) get adapters as they are. The result's save_pretrained
+raises, naming save_4bit / save_adapter (Transformers would write keys that load as random
+weights). Not done here (PEFT's prepare_model_for_kbit_training does): gradient checkpointing,
+upcasting layer norms. Elsewhere: the layers (lora.py, linear4bit.py), merging (merge.py).
 """
 import warnings
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from torch import nn
 
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
+from .save_guard import guard_save_pretrained
 
 
 def _matches(name: str, patterns) -> bool:
@@ -72,7 +73,7 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     aliases = {}                                  # id(linear) -> every name it is registered as
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear) and not _inside(name, adapted):
+        if isinstance(m, (nn.Linear, Linear4bit)) and not _inside(name, adapted):
             aliases.setdefault(id(m), (m, []))[1].append(name)
     targets = [(m, names) for m, names in aliases.values()
                if not any(_matches(n, exclude) for n in names)
@@ -85,8 +86,8 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
         raise ValueError(f"prepare_qlora: no nn.Linear matched target_modules={target_modules!r} "
                          f"(exclude={exclude!r}, layers already adapted are skipped) that can be "
                          f"converted faithfully {skipped or ''}; the model's linears are {linears}")
-    layers = [(names, LoRALinear(Linear4bit.from_linear(m, **linear4bit_kwargs), r, alpha,
-                                 dropout)) for m, names in targets]  # bad arguments raise here
+    layers = [(names, LoRALinear(m if isinstance(m, Linear4bit) else Linear4bit.from_linear(
+        m, **linear4bit_kwargs), r, alpha, dropout)) for m, names in targets]  # bad ones raise
     model.requires_grad_(False)
     for names, layer in layers:
         for name in names:                        # one layer under all its names: still shared
@@ -97,13 +98,14 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
                       + "; ".join(f"{n}: {why}" for n, why in skipped.items())
                       + " (also in model.qlora_skipped)", UserWarning, stacklevel=2)
     model.qlora_skipped = skipped
+    guard_save_pretrained(model)
     return model
 
 
 def _why_not_convert(model: nn.Module, linear: nn.Linear, names: list):
     """Why swapping `linear` (registered under `names`) could change the model's output, or
     None when it cannot."""
-    if type(linear).forward is not nn.Linear.forward:
+    if type(linear).forward not in (nn.Linear.forward, Linear4bit.forward):
         return f"{type(linear).__name__} has its own forward"
     if linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "parametrizations"):
         return "it has forward hooks or a parametrized weight, which the new layer would lose"
@@ -114,7 +116,7 @@ def _why_not_convert(model: nn.Module, linear: nn.Linear, names: list):
                     "calling it")
     own = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     tied = [n for n, p in model.named_parameters(remove_duplicate=False)
-            if n not in own and any(p is q for q in (linear.weight, linear.bias))]
+            if n not in own and any(p is q for q in (getattr(linear, "weight", 0), linear.bias))]
     if tied:
         return f"its weight or bias is tied to {tied}; a 4-bit copy would untie them"
     return None

@@ -153,3 +153,39 @@ def test_layers_that_disagree_cannot_be_one_peft_config(tmp_path):
         save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="no LoRALinear layers"):
         save_adapter(ToyLM(), tmp_path)
+
+
+def test_peft_auto_classes_open_the_folder(tmp_path):
+    """task_type and base_model_name_or_path: AutoPeftModelForCausalLM.from_pretrained(adapter)
+    finds the 4-bit base (a folder save_4bit wrote) and computes what minqlora computes."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from minqlora.adapter import peft_fields
+    from minqlora.checkpoint import save_4bit
+    transformers.utils.logging.disable_progress_bar()
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = prepare_qlora(transformers.LlamaForCausalLM(config), r=4, alpha=8).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_(0, 0.1)
+    save_4bit(model, tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (written["task_type"], written["base_model_name_or_path"]) == (
+        "CAUSAL_LM", str(tmp_path / "base"))
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert type(theirs).__name__ == "PeftModelForCausalLM"
+    ids = torch.tensor([[1, 5, 9, 2, 30, 7, 63]])
+    with torch.no_grad():                                      # bf16 compute on both sides
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=2e-2, atol=2e-2)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert peft_fields(base) == {"task_type": "CAUSAL_LM",     # read off a loaded model
+                                 "base_model_name_or_path": str(tmp_path / "base")}
+    assert peft_fields(ToyLM()) == {"task_type": None, "base_model_name_or_path": None}
+    with pytest.raises(ValueError, match="task_type 'CAUSAL' is none of PEFT's"):
+        save_adapter(model, tmp_path / "bad", task_type="CAUSAL")

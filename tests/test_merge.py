@@ -1,6 +1,7 @@
 """merge.py: merging adapters back (lesson 07), as a plain or as a 4-bit model again, and what
 each merge costs (lesson 10)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -57,7 +58,8 @@ def test_merge_requantized_is_4bit_again_in_the_base_format():
     expected = model.mlp.base.dequantize() + delta                     # W + scaling * B @ A
     bare = Linear4bit.from_linear(nn.Linear(16, 16))
     model.norm = nn.Sequential(bare)                                   # left as it is
-    merged = merge_qlora(copy.deepcopy(model), requantize=True)
+    with pytest.warns(UserWarning, match=r"requantize=True"):
+        merged = merge_qlora(copy.deepcopy(model), requantize=True)
     layer = merged.mlp
     assert type(layer) is Linear4bit and (layer.quant_type, layer.blocksize, layer.double_quant,
                                           layer.compute_dtype) == ("fp4", 32, False, torch.bfloat16)
@@ -95,3 +97,38 @@ def test_merge_errors_dequantized_is_exact_requantized_is_not(seed):
     assert 0.01 < errors["requantized"] < 0.2
     assert 0.01 < errors["adapters dropped"] < 0.5
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_requantizing_warns_once_per_call_with_what_it_kept():
+    """One warning per call (PEFT warns once per layer), its cosine near 1 for an update far
+    above NF4's step and near 0 for one far below it; dequantized merges do not warn."""
+    import warnings
+    for std, low, high in ((1.0, 0.5, 1.0), (1e-4, -0.5, 0.5)):
+        model = toy_with_adapters(0, std=std)
+        with pytest.warns(UserWarning, match=r"merge_qlora\(requantize=True\)") as caught:
+            merge_qlora(copy.deepcopy(model), requantize=True)
+        assert len(caught) == 1
+        cosine = float(str(caught[0].message).split("cosine ")[1].split(" ")[0])
+        assert low < cosine <= high, (std, cosine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_qlora(copy.deepcopy(model))
+        merge_errors(model, torch.randint(0, 14, (2, 9)))     # measures it: no warning
+
+
+def test_merge_errors_on_a_transformers_model_with_bf16_compute():
+    """Outputs with .logits are accepted; with bf16 compute the dequantized merge (float32
+    weights, float32 compute) differs by bf16's rounding of the unmerged model, not float32's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = prepare_qlora(transformers.LlamaForCausalLM(config), r=8)    # bf16 compute
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_(0, 0.02)
+    errors = merge_errors(model, torch.tensor([[1, 5, 9, 2, 30, 7, 63]]))
+    assert list(errors) == ["dequantized", "requantized", "adapters dropped"]
+    assert 1e-4 < errors["dequantized"] < 5e-2 and errors["requantized"] > errors["dequantized"]
