@@ -21,11 +21,10 @@ it holds the base model, which has no adapters. The adapters go to PEFT's adapte
 Worked example: a 64 -> 64 layer, NF4 + double quantization, is 7 entries: weight (2048, 1),
 absmax (64,), quant_map (16,), nested_absmax (1,), nested_quant_map (256,), the JSON, bias.
 """
-import os
-import tempfile
-
+import torch
 from torch import nn
 
+from .files import read_regular, write_atomic
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
 
@@ -88,21 +87,15 @@ def save_4bit(model: nn.Module, path) -> None:
         place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         tensors[name] = tensor.clone() if place in seen or tensor.numel() == 0 else tensor
         seen.add(place)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
 
 
 def read_safetensors(path) -> dict:
-    """All tensors of a safetensors file (on the CPU), or a ValueError saying what it is not."""
+    """All tensors of a safetensors file (on the CPU), or a ValueError saying what it is not
+    (a folder, FIFO or device is refused before it is read: files.read_regular)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    read_regular(path, where="read_safetensors")
     try:
         return load_file(path)
     except (SafetensorError, OSError) as error:
@@ -132,6 +125,23 @@ def check_4bit(model: nn.Module, tensors: dict) -> list:
     problems += [f"size mismatch for {k}: {list(tensors[k].shape)} in the file, "
                  f"{list(v.shape)} in the model" for k, v in plain.items()
                  if k in tensors and tensors[k].shape != v.shape]
+    biases = {prefix + "bias": layer.bias for prefix, (_, layer) in layers.items()
+              if layer.bias is not None and tensors.get(prefix + "bias") is not None}
+    return problems + _not_finite(tensors, {**plain, **biases})
+
+
+def _not_finite(tensors: dict, model: dict) -> list:
+    """Messages for the file's tensors that hold NaN or Inf once cast to the model's dtype (a
+    float64 1e300 is inf in float32), or whose dtype the model's cannot take."""
+    problems = []
+    for k, v in model.items():
+        t = tensors.get(k)
+        if t is None or t.shape != v.shape:
+            continue                                      # reported above
+        if t.is_complex() and not v.is_complex():
+            problems.append(f"{k}: {t.dtype} in the file, {v.dtype} in the model")
+        elif v.is_floating_point() and not torch.isfinite(t.to(v.dtype)).all():
+            problems.append(f"{k}: non-finite values in {v.dtype} (the model's dtype)")
     return problems
 
 

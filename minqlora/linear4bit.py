@@ -49,7 +49,7 @@ from torch import nn
 from .backends import dequantize_4bit
 from .bnb_layout import state_as_dict, state_from_dict
 from .lora import check_input
-from .quant_state import QuantState, absmax_state, quantize_4bit
+from .quant_state import QuantState, _dynamic_on, absmax_state, quantize_4bit
 
 
 class Layout(NamedTuple):
@@ -61,11 +61,13 @@ class Layout(NamedTuple):
     dtype: torch.dtype
     backend: str = "auto"
 
-    def state(self, absmax, code, absmax2=None, offset=None) -> QuantState:
+    def state(self, absmax, code, absmax2=None, offset=None, shared=False) -> QuantState:
         """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
-        qabsmax of a double-quantized state."""
-        nested = {} if absmax2 is None else dict(offset=offset,
-                                                 state2=absmax_state(absmax2, absmax.numel()))
+        qabsmax of a double-quantized state, its DYNAMIC table a copy of its own (shared=True:
+        one per device, for a state that never leaves a pass)."""
+        table = _dynamic_on(absmax.device) if shared and absmax2 is not None else None
+        nested = {} if absmax2 is None else dict(offset=offset, state2=absmax_state(
+            absmax2, absmax.numel(), table))
         return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
                           dtype=self.dtype, quant_type=self.quant_type, **nested)
 
@@ -77,7 +79,8 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, layout, packed, *constants):
         ctx.layout = layout
         ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, layout.state(*constants), x.dtype, layout.backend)
+        weight = dequantize_4bit(packed, layout.state(*constants, shared=True), x.dtype,
+                                 layout.backend)
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
@@ -86,7 +89,7 @@ class Linear4bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
             dtype = grad_out.dtype                              # forward's W, bit for bit
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants), dtype,
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants, shared=True), dtype,
                                      ctx.layout.backend)
             if grad_out.device.type == "cpu" and dtype.itemsize < 4:   # in float32 (see above)
                 grad_x = (grad_out.float() @ weight.float()).to(dtype)

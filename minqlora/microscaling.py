@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_blocksize, check_float
+from ._checks import DECODABLE, check_blocksize, check_dtype, check_float, check_numel
 from .nf4 import pack_4bit
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float32)
@@ -104,11 +104,50 @@ def _pack(bits, shape):
     return pack_4bit(bits.reshape(-1, 2).flip(1)).reshape(*shape[:-1], shape[-1] // 2)
 
 
+def check_mx(packed, state, fmt: str, dtype, where: str) -> None:
+    """A TypeError / ValueError unless `state` is an MXState of format `fmt` that fits packed:
+    a power-of-two blocksize dividing the last of state.shape's sizes, a dtype to decode into,
+    one scale per block (uint8 E8M0 exponents below 255 = NaN for mxfp4; finite float8_e4m3fn
+    values >= 0 and one float32 t >= 2^-121 for nvfp4) and n / 2 uint8 bytes, on one device."""
+    check_dtype(dtype, where)
+    if not isinstance(state, MXState):
+        raise TypeError(f"{where}: expected an MXState, got {type(state).__name__}")
+    if state.format != fmt:
+        raise ValueError(f"{where}: the state is {state.format!r}, not {fmt!r}")
+    check_blocksize(state.blocksize, where)
+    shape, scales, t = state.shape, state.scales, state.tensor_scale
+    if not (isinstance(shape, torch.Size) and len(shape) and shape[-1] % state.blocksize == 0
+            and state.dtype in DECODABLE):
+        raise ValueError(f"{where}: state.shape must be a torch.Size whose last size is a "
+                         f"multiple of blocksize {state.blocksize}, and state.dtype one of "
+                         f"{[str(d) for d in DECODABLE]}; got {shape!r}, {state.dtype!r}")
+    n, kind = check_numel(shape, where), torch.uint8 if fmt == "mxfp4" else torch.float8_e4m3fn
+    if not (isinstance(scales, torch.Tensor) and scales.dtype == kind
+            and scales.numel() == n // state.blocksize and _fine(scales, t, fmt)):
+        raise ValueError(f"{where}: expected {n // state.blocksize} {kind} scales (below 255 "
+                         "for mxfp4, finite and >= 0 for nvfp4) and tensor_scale "
+                         f"{'one float32 >= 2^-121' if fmt == 'nvfp4' else 'None'}")
+    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8
+            and packed.numel() * 2 == n and packed.device == scales.device):
+        raise ValueError(f"{where}: expected {n // 2} uint8 bytes for shape {tuple(shape)} on "
+                         f"{scales.device}, got {_what(packed)}")
+
+
+def _fine(scales, t, fmt) -> bool:
+    if fmt == "mxfp4":
+        return t is None and not (scales == 255).any()
+    ok = isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 1
+    s = scales.float()
+    return ok and bool(t.isfinite().all() & (t >= T_MIN).all() & s.isfinite().all()
+                       & (s >= 0).all()) and t.device == scales.device
+
+
+def _what(t) -> str:
+    return f"{t.numel()} of {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+
+
 def _decode(packed, state, dtype, where):
-    n = state.shape.numel()
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n:
-        raise ValueError(f"{where}: expected {n // 2} uint8 bytes for shape "
-                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
+    check_mx(packed, state, where.rpartition("_")[2], dtype, where)
     pairs = _PAIRS.to(packed.device)                                  # byte -> its two values
     values = torch.nn.functional.embedding(packed.reshape(-1).long(), pairs)     # (n // 2, 2)
     values = values.view(-1, state.blocksize) * state.block_scales().reshape(-1, 1)
@@ -128,7 +167,8 @@ def quantize_mxfp4(x: torch.Tensor, blocksize: int = 32) -> tuple[torch.Tensor, 
     absmax = blocks.abs().amax(dim=1)                                # (n_blocks,)
     exponent = ((absmax.view(torch.int32) >> 23) & 0xFF) - 127      # floor(log2); 0 -> -127
     scales = ((exponent - 2).clamp(-127, 127) + 127).to(torch.uint8)  # E8M0, bias 127
-    state = MXState(scales.reshape(*x.shape[:-1], -1), blocksize, x.shape, x.dtype, "mxfp4")
+    state = MXState(scales.reshape(*x.shape[:-1], x.shape[-1] // blocksize), blocksize,
+                    x.shape, x.dtype, "mxfp4")
     bits = e2m1_encode(blocks / state.block_scales().reshape(-1, 1))
     return _pack(bits, x.shape), state
 
@@ -149,8 +189,9 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     ([448.0], [0.4167, -0.8333, 5.0, 0.0])
     """
     blocks = _blocks(x, blocksize, "quantize_nvfp4")
-    if tensor_scale is None:
-        tensor_scale = (x.detach().abs().amax().float() / (E4M3_MAX * 6)).clamp(min=T_MIN)
+    if tensor_scale is None:                                         # an empty x: t = 2^-121
+        absmax = x.detach().abs().amax().float() if x.numel() else torch.tensor(0.0)
+        tensor_scale = (absmax / (E4M3_MAX * 6)).clamp(min=T_MIN)
     t = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
     if t.numel() != 1 or not (torch.isfinite(t) & (t >= T_MIN)).all():
         raise ValueError(f"quantize_nvfp4: tensor_scale must be one finite number >= 2^-121, "
@@ -159,7 +200,8 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     scales = block_scale.clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
     v = blocks * ((1.0 / t) / scales.float()).unsqueeze(1)           # torchao's order of ops
     bits = e2m1_encode(v)                                            # saturates at +-6
-    state = MXState(scales.reshape(*x.shape[:-1], -1), blocksize, x.shape, x.dtype, "nvfp4", t)
+    state = MXState(scales.reshape(*x.shape[:-1], x.shape[-1] // blocksize), blocksize,
+                    x.shape, x.dtype, "nvfp4", t)
     return _pack(bits, x.shape), state
 
 

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from ._checks import check_adamw_options, check_adamw_state
+from ._checks import check_adamw_hyper, check_adamw_options, check_adamw_state
 from .pager import OutOfBudget, Pager
 
 KEYS = ("exp_avg", "exp_avg_sq")
@@ -73,13 +73,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  amsgrad=False, *, maximize=False, pager=None, is_paged=True, fp32_state=True):
-        for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
-                                ("weight_decay", weight_decay, weight_decay >= 0),
-                                ("betas[0]", betas[0], 0 <= betas[0] < 1),
-                                ("betas[1]", betas[1], 0 <= betas[1] < 1)):
-            if not ok:
-                bound = " and < 1" if name.startswith("betas") else ""
-                raise ValueError(f"PagedAdamW: {name} must be >= 0{bound}, got {value!r}")
+        check_adamw_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                          "PagedAdamW")
         self.fp32_state = fp32_state
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize))
@@ -177,7 +172,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch AdamW's (or PagedAdamW's) state_dict, checked as torch checks it and more
-        (each state's keys and shape, the options above); paged state goes into new pages. All
+        (each state's keys, shape and values, the options and hyperparameters as the constructor
+        checks them); paged state goes into new pages. All
         or nothing: if anything fails, the optimizer and its pager stay exactly as they were."""
         old, params = (self.state, self.param_groups), [p for g in self.param_groups
                                                         for p in g["params"]]
@@ -186,6 +182,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 super().load_state_dict({**state_dict, "state": {}})   # the groups' checks
                 for group in self.param_groups:
                     check_adamw_options(group, "load_state_dict")
+                    check_adamw_hyper(group, "PagedAdamW.load_state_dict")
                 ids = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]],
                                params))
                 new = {ids[i]: self._checked(ids, i, s) for i, s in state_dict["state"].items()}
