@@ -83,14 +83,15 @@ def read_regular(path, cap: int = None, where: str = "") -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as error:
         raise ValueError(f"{prefix}cannot open {path}: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(
-                info.st_mode) else "a device or other special file")
-            raise ValueError(f"{prefix}{path} is {kind}, not a regular file")
-        if cap is None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) or cap is None:
+        os.close(fd)
+        if stat.S_ISREG(mode):
             return b""
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device or other special file")
+        raise ValueError(f"{prefix}{path} is {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
         data = f.read(cap + 1)
     if len(data) > cap:
         raise ValueError(f"{prefix}{path} has more than {cap} bytes; a file this big is not one "
