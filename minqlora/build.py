@@ -126,10 +126,12 @@ def _probe(built: Path, cxx: list) -> None:
     if not (built.is_file() and built.stat().st_size):
         raise SetupError(f"{shlex.join(cxx)} reported success but wrote no library; set CXX to "
                          "a C++ compiler (g++, clang++) or unset it")
-    done = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])",
-                           str(built)], cwd=built.parent, capture_output=True, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    load = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
+    child = subprocess.Popen([sys.executable, "-c", load, str(built)], text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = child.communicate()[1]
+    if child.returncode:
+        last = (stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
         raise SetupError(f"the library built with {shlex.join(cxx)} cannot be loaded ({last}); "
                          "drop the flags that need a runtime of their own (-fsanitize) from CXX")
 

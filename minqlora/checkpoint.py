@@ -95,10 +95,10 @@ def read_safetensors(path) -> dict:
     (a folder, FIFO or device is refused before it is read: files.read_regular)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    read_regular(path, where="read_safetensors")
     try:
+        read_regular(path)                  # a regular file: never a FIFO, device or folder
         return load_file(path)
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read it as a safetensors file ({error})") from None
 
 

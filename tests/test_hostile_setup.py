@@ -31,7 +31,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_compiler(emulation, monkeypatch):
-    """subprocess.run stand-in: 'compiles' (and probes) by copying the session's library."""
+    """subprocess.run stand-in: "compiles" by copying the session's library."""
     def run(command, cwd, **kwargs):
         shutil.copy(emulation._name, Path(cwd, "lib.so"))
         return subprocess.CompletedProcess(command, 0, "", "")
