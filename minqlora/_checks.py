@@ -144,7 +144,7 @@ def check_adamw_hyper(group: dict, where: str) -> None:
 
 def check_adamw_options(group: dict, where: str) -> None:
     """A ValueError for a torch AdamW option that minqlora's AdamW does not implement (rather
-    than an update that silently ignores it)."""
+    than an update that silently ignores it), or a hyperparameter check_adamw_hyper refuses."""
     bad = [f"{k}={group[k]!r}" for k in ("amsgrad", "capturable", "differentiable", "fused")
            if group.get(k)]
     if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
@@ -152,11 +152,14 @@ def check_adamw_options(group: dict, where: str) -> None:
     if bad:
         raise ValueError(f"PagedAdamW.{where}: {', '.join(bad)} is not implemented (AdamW with "
                          "or without maximize is); use torch.optim.AdamW for it")
+    check_adamw_hyper(group, f"PagedAdamW.{where}")
 
 
-def check_adamw_state(saved: dict, shape: torch.Size, where: str) -> torch.Tensor:
-    """One parameter's saved AdamW state: step (one number; returned as a new 0-d tensor) and
-    exp_avg, exp_avg_sq floating-point tensors of the parameter's shape, or a ValueError."""
+def check_adamw_state(saved: dict, p: torch.Tensor, dtype: torch.dtype, where: str) -> dict:
+    """One parameter's saved AdamW state, checked: step (one finite number >= 0) and exp_avg,
+    exp_avg_sq finite floating-point tensors of p's shape (exp_avg_sq >= 0), or a ValueError.
+    Returns a copy: step as a 0-d tensor, the averages in `dtype` on p's device."""
+    shape = p.shape
     missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
     if missing:
         raise ValueError(f"{where} lacks {missing}")
@@ -178,4 +181,5 @@ def check_adamw_state(saved: dict, shape: torch.Size, where: str) -> torch.Tenso
         if not torch.isfinite(t).all() or (k == "exp_avg_sq" and (t < 0).any()):
             raise ValueError(f"{where}: {k} must be finite{' and >= 0' * (k == 'exp_avg_sq')} "
                              "(the running averages of g and g^2)")
-    return step.reshape(())
+    return {"step": step.reshape(()), **{k: saved[k].to(p.device, dtype, copy=True).contiguous()
+                                         for k in ("exp_avg", "exp_avg_sq")}}

@@ -27,12 +27,12 @@ overflows (NaN or saturated codes for all-zero tensors and absmax < 2688 * 2^-12
 Worked example: x = [0.3, -1.0, 5.0, 0.2] with blocksize 4: absmax 5, X = 2^(2-2) = 1,
 q codes 0.5, -1, 4 (5 is a tie: 4 has the even index), 0 (0.2 is nearer to 0 than to 0.5).
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ._checks import DECODABLE, check_blocksize, check_dtype, check_float, check_numel
+from ._checks import check_blocksize, check_float
+from .mx_state import T_MIN, MXState, check_mx
 from .nf4 import pack_4bit
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float32)
@@ -40,37 +40,6 @@ E2M1 = torch.cat([E2M1, -E2M1])                  # index = the 4 bits; 8..15 hav
 _MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2          # 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5
 _PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], dim=1)  # (256, 2): low, high
 E4M3_MAX, E4M3_TINY = 448.0, 2.0 ** -6           # largest and smallest normal E4M3 values
-T_MIN = 2.0 ** -121                              # the least t with (1 / t) / E4M3_TINY finite
-
-
-@dataclass
-class MXState:
-    """What decodes an MXFP4 / NVFP4 tensor: one scale per block of the last dimension.
-
-    scales: (..., K // blocksize) uint8 E8M0 exponents (mxfp4) or float8_e4m3fn (nvfp4);
-    tensor_scale: the float32 t of NVFP4 (None for MXFP4).
-    """
-    scales: torch.Tensor
-    blocksize: int
-    shape: torch.Size
-    dtype: torch.dtype
-    format: str
-    tensor_scale: Optional[torch.Tensor] = None
-
-    def block_scales(self) -> torch.Tensor:
-        """Each block's scale in float32: 2^(e - 127) for MXFP4, t * S for NVFP4."""
-        if self.format == "mxfp4":
-            return torch.exp2(self.scales.double() - 127).float()      # exact, 2^-127 included
-        return self.tensor_scale * self.scales.float()
-
-    def nbytes(self) -> int:
-        """Bytes stored for the constants: one byte per block (+ 4 for NVFP4's t)."""
-        return self.scales.numel() + (4 if self.tensor_scale is not None else 0)
-
-    def bits_per_param(self) -> float:
-        """4 bits per value + 8 per block (+ 32 per tensor for NVFP4): 4.25, or 4.5 + 32/n."""
-        extra = 32 / self.shape.numel() if self.tensor_scale is not None else 0.0
-        return 4 + 8 / self.blocksize + extra
 
 
 def _blocks(x, blocksize, where):
@@ -102,48 +71,6 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
 def _pack(bits, shape):
     """Two E2M1 codes per byte, element 0 in the low nibble: (..., K) -> (..., K // 2)."""
     return pack_4bit(bits.reshape(-1, 2).flip(1)).reshape(*shape[:-1], shape[-1] // 2)
-
-
-def check_mx(packed, state, fmt: str, dtype, where: str) -> None:
-    """A TypeError / ValueError unless `state` is an MXState of format `fmt` that fits packed:
-    a power-of-two blocksize dividing the last of state.shape's sizes, a dtype to decode into,
-    one scale per block (uint8 E8M0 exponents below 255 = NaN for mxfp4; finite float8_e4m3fn
-    values >= 0 and one float32 t >= 2^-121 for nvfp4) and n / 2 uint8 bytes, on one device."""
-    check_dtype(dtype, where)
-    if not isinstance(state, MXState):
-        raise TypeError(f"{where}: expected an MXState, got {type(state).__name__}")
-    if state.format != fmt:
-        raise ValueError(f"{where}: the state is {state.format!r}, not {fmt!r}")
-    check_blocksize(state.blocksize, where)
-    shape, scales, t = state.shape, state.scales, state.tensor_scale
-    if not (isinstance(shape, torch.Size) and len(shape) and shape[-1] % state.blocksize == 0
-            and state.dtype in DECODABLE):
-        raise ValueError(f"{where}: state.shape must be a torch.Size whose last size is a "
-                         f"multiple of blocksize {state.blocksize}, and state.dtype one of "
-                         f"{[str(d) for d in DECODABLE]}; got {shape!r}, {state.dtype!r}")
-    n, kind = check_numel(shape, where), torch.uint8 if fmt == "mxfp4" else torch.float8_e4m3fn
-    if not (isinstance(scales, torch.Tensor) and scales.dtype == kind
-            and scales.numel() == n // state.blocksize and _fine(scales, t, fmt)):
-        raise ValueError(f"{where}: expected {n // state.blocksize} {kind} scales (below 255 "
-                         "for mxfp4, finite and >= 0 for nvfp4) and tensor_scale "
-                         f"{'one float32 >= 2^-121' if fmt == 'nvfp4' else 'None'}")
-    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8
-            and packed.numel() * 2 == n and packed.device == scales.device):
-        raise ValueError(f"{where}: expected {n // 2} uint8 bytes for shape {tuple(shape)} on "
-                         f"{scales.device}, got {_what(packed)}")
-
-
-def _fine(scales, t, fmt) -> bool:
-    if fmt == "mxfp4":
-        return t is None and not (scales == 255).any()
-    ok = isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 1
-    s = scales.float()
-    return ok and bool(t.isfinite().all() & (t >= T_MIN).all() & s.isfinite().all()
-                       & (s >= 0).all()) and t.device == scales.device
-
-
-def _what(t) -> str:
-    return f"{t.numel()} of {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
 
 
 def _decode(packed, state, dtype, where):
