@@ -81,8 +81,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         run(parser, args)
-    except SetupError as error:       # the machine's setup (compiler, cache): one line, status 1
-        parser.exit(1, f"{parser.prog}: error: {str(error).splitlines()[0]}\n")
+    except (SetupError, OSError) as error:   # the machine's setup (compiler, cache folder, a
+        line = (str(error).splitlines() or [repr(error)])[0]       # full disk): one line, status 1
+        parser.exit(1, f"{parser.prog}: error: {line}\n")
 
 
 def run(parser, args) -> None:

@@ -49,7 +49,7 @@ from torch import nn
 from .backends import dequantize_4bit
 from .bnb_layout import state_as_dict, state_from_dict
 from .lora import check_input
-from .quant_state import QuantState, _dynamic_on, absmax_state, quantize_4bit
+from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
 class Layout(NamedTuple):
@@ -65,9 +65,8 @@ class Layout(NamedTuple):
         """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
         qabsmax of a double-quantized state, its DYNAMIC table a copy of its own (shared=True:
         one per device, for a state that never leaves a pass)."""
-        table = _dynamic_on(absmax.device) if shared and absmax2 is not None else None
         nested = {} if absmax2 is None else dict(offset=offset, state2=absmax_state(
-            absmax2, absmax.numel(), table))
+            absmax2, absmax.numel(), shared=shared))
         return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
                           dtype=self.dtype, quant_type=self.quant_type, **nested)
 

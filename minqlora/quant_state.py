@@ -113,12 +113,14 @@ def _dynamic_on(device: torch.device) -> torch.Tensor:
     return _DYNAMIC_ON[device]
 
 
-def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None) -> QuantState:
+def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None,
+                 shared: bool = False) -> QuantState:
     """state2 of a double-quantized state: how its n_absmax qabsmax bytes decode (DYNAMIC, one
     absmax2 per BLOCKSIZE2 of them). The one place a state2 is built. code=None: the state's own
-    copy of DYNAMIC (an edit of one state's table changes no other); Linear4bit's passes, whose
-    states never leave them, share one per device (_dynamic_on)."""
-    code = _dynamic_on(absmax2.device).clone() if code is None else code
+    copy of DYNAMIC (an edit of one state's table changes no other); shared=True: one copy per
+    device, for Linear4bit's passes, whose states never leave them."""
+    if code is None:
+        code = _dynamic_on(absmax2.device) if shared else _dynamic_on(absmax2.device).clone()
     return QuantState(absmax=absmax2, code=code, blocksize=BLOCKSIZE2,
                       shape=torch.Size([n_absmax]), dtype=torch.float32, quant_type="dynamic")
 

@@ -190,3 +190,10 @@ def test_the_build_folders_name_its_host_and_process(cache, fake_compiler, monke
     (cache / f"{prefix}{os.getpid()}-y").mkdir()
     emulate.build_emulation()
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [f"{prefix}{os.getpid()}-y"]
+
+
+def test_item15_a_full_disk_is_one_line(capsys, monkeypatch):
+    def full():
+        raise OSError(28, "No space left on device")
+    code, err = one_line_exit(capsys, monkeypatch, ["--quick"], full)
+    assert code == 1 and err.count("\n") == 1 and "No space left" in err, err

@@ -80,6 +80,16 @@ def test_item1_a_shape_whose_count_wraps_around_is_refused():
         check_state(packed, state, "here")
 
 
+def test_item1_meta_tensors_never_reach_a_kernel(decoder, emulation):
+    from minqlora.cpu_decode import decode_cpp
+    from minqlora.emulate import launch_emulation
+    packed, state = quantize_4bit(gaussian(100))
+    packed, state = packed.to("meta"), state.to("meta")
+    for launch_ in (decode_cpp, launch_emulation):
+        with pytest.raises(ValueError, match="meta"):
+            launch_(packed, state, torch.empty(100, device="meta"))
+
+
 def test_item1_a_grid_beyond_a_launch_is_refused():
     with pytest.raises(ValueError, match="grid"):
         launch.grid(2 ** 62, launch.kernel_source())
