@@ -84,11 +84,11 @@ def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
     tensors = [state.absmax, state.code]     # check_state: state2.code has 256 values, so
     if state.nested:                          # the kernel's code2[qabsmax] stays inside it
         tensors += [state.offset, state.state2.absmax, state.state2.code]
-    if packed.is_meta:                       # data_ptr() 0: a kernel would read address 0
-        raise ValueError("dequantize_4bit: meta tensors hold no bytes to decode")
     if any(t.device != packed.device for t in tensors):
         raise ValueError(f"dequantize_4bit: the state must be on {packed.device} like packed "
                          f"(state.to({str(packed.device)!r}))")
+    if packed.is_meta:                       # data_ptr() 0: a kernel would read address 0
+        raise ValueError("dequantize_4bit: meta tensors hold no bytes to decode")
     if (out.dtype not in SUFFIX or out.shape != (n,) or not out.is_contiguous()
             or out.device != packed.device or out.data_ptr() % 16):
         raise ValueError(f"dequantize_4bit: out must be a contiguous, 16-byte aligned ({n},) "

@@ -127,7 +127,8 @@ def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None
 
 def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
     """A TypeError / ValueError unless packed and state fit together: ceil(n/2) uint8 bytes for
-    state.shape (a torch.Size), a floating-point state.dtype, a power-of-two blocksize, a 1-D
+    state.shape (a torch.Size of n <= 2^62 values, counted without wrapping around), a DECODABLE
+    state.dtype, a power-of-two blocksize <= 2^62 (C++'s shifts stay defined), a 1-D
     float code of 2 to 16 values, one absmax per block (float; uint8 when nested) and, when
     nested, one float offset and a state2 with a power-of-two blocksize, one float absmax2 per
     state2.blocksize absmaxes and a 256-value float code, all 1-D (or 0-d). Shapes and dtypes
