@@ -34,8 +34,8 @@ from .checkpoint import load_4bit, save_4bit
 from .adapter import load_adapter, save_adapter
 # lesson 11: codebooks from objectives, the hardware 4-bit formats, and one comparison of all
 from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_code, nf4_offset
-from .microscaling import (MXState, dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4,
-                           quantize_nvfp4)
+from .mx_state import MXState
+from .microscaling import dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
 from . import compare
 # lesson 13: the 4-bit weights sharded across GPUs by PyTorch's FSDP2
 from . import distributed

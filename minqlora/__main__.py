@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import SetupError
 from .bench import SECTIONS
 
 SEEDS = 2 ** 32                       # seeds 0 .. 2**32 - 1, as numpy takes them
@@ -49,6 +50,9 @@ def plot_path(text: str) -> str:
     from matplotlib.backend_bases import FigureCanvasBase
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     path = Path(text)
+    if path.exists() and not (path.is_file() and os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a file you can write "
+                                         "(a folder?); choose a new file name")
     if path.suffix.lstrip(".").lower() not in formats:
         raise argparse.ArgumentTypeError(f"{text!r}: the file name must end in one of "
                                          f"{', '.join('.' + f for f in formats)}")
@@ -75,6 +79,14 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
                         help=f"bench: only these sections, of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
+    try:
+        run(parser, args)
+    except (SetupError, OSError) as error:   # the machine's setup (compiler, cache folder, a
+        line = (str(error).splitlines() or [repr(error)])[0]       # full disk): one line, status 1
+        parser.exit(1, f"{parser.prog}: error: {line}\n")
+
+
+def run(parser, args) -> None:
     if args.command == "bench":
         tour_only = [f"--{name}" for name in ("seed", "device", "plot")
                      if getattr(args, name) is not None]

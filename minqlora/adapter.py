@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoint import read_safetensors
+from .files import JSON_CAP, read_regular, replace_together, text_writer
 from .lora import LoRALinear
 
 PREFIX = "base_model.model."
@@ -75,17 +76,6 @@ def target_modules(model: nn.Module, names) -> list:
     return leaves if not any(_matches(n, leaves) for n in others) else names
 
 
-def _write(path, write) -> None:
-    """write(temporary path), then move it to `path`: a reader never sees half a file."""
-    temporary = f"{path}.tmp"
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def peft_fields(model: nn.Module, task_type=None, base_model_name_or_path=None) -> dict:
     """PEFT's task_type and base_model_name_or_path: as given, else from a Transformers model's
     class name and config (config._name_or_path: the folder or Hub id it came from), else None.
@@ -126,10 +116,10 @@ def save_adapter(model: nn.Module, directory, task_type=None,
     tensors = {f"{PREFIX}{name}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
                for name, m in layers.items() for ab in ("lora_A", "lora_B")}
     os.makedirs(directory, exist_ok=True)
-    _write(os.path.join(directory, WEIGHTS),
-           lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _write(os.path.join(directory, CONFIG), lambda p: open(p, "w").write(text + "\n"))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    replace_together({os.path.join(directory, WEIGHTS):     # both files or neither (files.py)
+                      lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+                      os.path.join(directory, CONFIG): text_writer(text)})
 
 
 def _targets(config: dict, name: str) -> bool:
@@ -142,17 +132,32 @@ def _targets(config: dict, name: str) -> bool:
     return isinstance(targets, list) and _matches(name, targets)
 
 
+def _target_problems(targets) -> list:
+    """Why target_modules is not a list of names, "all-linear" or a regular expression."""
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            return [f"target_modules {targets!r} is not a regular expression ({error})"]
+    elif not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return [f"target_modules must be a list of module names or a regular expression, got "
+                f"{str(targets)[:80]}"]
+    return []
+
+
 def check_adapter(model: nn.Module, config: dict, tensors: dict) -> list:
     """Every reason the adapter folder does not fit the model, as messages."""
     layers = lora_layers(model)
     problems = [] if layers else ["the model has no LoRALinear layers (prepare_qlora first)"]
+    bad_targets = _target_problems(config.get("target_modules"))
+    problems += bad_targets
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}, not 'LORA'")
     problems += [f"{key} = {config[key]!r} has no counterpart in LoRALinear (expected "
                  f"{default!r})" for key, default in PLAIN.items()
                  if key in config and config[key] not in (default, None)]
     for name, layer in layers.items():
-        if not _targets(config, name):
+        if not bad_targets and not _targets(config, name):
             problems.append(f"{name}: adapted in the model, not in target_modules "
                             f"{config.get('target_modules')!r}")
         for key, ours in (("r", layer.r), ("lora_alpha", layer.alpha)):
@@ -167,10 +172,11 @@ def check_adapter(model: nn.Module, config: dict, tensors: dict) -> list:
             elif tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
                 problems.append(f"{key}: expected a float tensor of shape {list(shape)}, got "
                                 f"{list(tensors[key].shape)} of {tensors[key].dtype}")
+            elif not torch.isfinite(tensors[key].to(getattr(layer, ab).weight.dtype)).all():
+                problems.append(f"{key}: non-finite values in {getattr(layer, ab).weight.dtype} "
+                                "(the layer's dtype, that the values are cast to)")
     expected = {f"{PREFIX}{n}.{ab}.weight" for n in layers for ab in ("lora_A", "lora_B")}
     problems += [f"unexpected key {k!r}" for k in sorted(tensors.keys() - expected)]
-    problems += [f"{k}: non-finite values" for k in sorted(tensors.keys() & expected)
-                 if not torch.isfinite(tensors[k]).all()]
     return problems
 
 
@@ -179,9 +185,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     modules); everything is checked first, so on error the model is unchanged. Dropout is a
     training setting and stays the model's."""
     try:
-        with open(os.path.join(directory, CONFIG)) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as error:
+        config = json.loads(read_regular(os.path.join(directory, CONFIG), JSON_CAP))
+    except (ValueError, RecursionError) as error:         # RecursionError: deep nesting
         raise ValueError(f"load_adapter: cannot read {CONFIG} in {directory}: {error}") from None
     tensors = read_safetensors(os.path.join(directory, WEIGHTS))
     problems = check_adapter(model, config if isinstance(config, dict) else {}, tensors)

@@ -20,13 +20,14 @@ tables are stored as faithfully, named "int4" or "custom" (quant_map is then the
 minqlora loads them back; bitsandbytes refuses them (it knows only nf4 and fp4).
 """
 import json
+import math
 
 import torch
 
 from .blockwise import ceil_div
 from .double_quant import BLOCKSIZE2, DYNAMIC
 from .nf4 import CODES
-from ._checks import check_blocksize
+from ._checks import DECODABLE, MAX_SIZE, check_blocksize, check_numel
 from .quant_state import QuantState, absmax_state, check_state
 
 QUANT_STATE = "quant_state.bitsandbytes__"      # + quant_type: the key of the JSON bytes
@@ -66,7 +67,7 @@ def _json(tensors: dict, name: str) -> tuple[str, dict]:
     key, blob = keys[0], tensors[keys[0]]
     try:
         info = json.loads(bytes(blob.cpu().reshape(-1).tolist()).decode())
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, RecursionError):   # deep nesting too
         info = None
     if blob.dtype != torch.uint8 or not isinstance(info, dict):
         raise ValueError(f"{key}: expected the uint8 bytes of a JSON dict")
@@ -96,11 +97,16 @@ def state_from_dict(tensors: dict, name: str = "weight") -> tuple[torch.Tensor, 
     dtype, shape = getattr(torch, str(info["dtype"]), None), info["shape"]
     if info["quant_type"] != quant_type:
         raise ValueError(f"{key}: the JSON says quant_type {info['quant_type']!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{key}: dtype must name a float dtype, got {info['dtype']!r}")
-    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise ValueError(f"{key}: shape must be a list of sizes, got {shape!r}")
-    code = tensors[name + ".quant_map"]
+    if dtype not in DECODABLE:
+        raise ValueError(f"{key}: dtype must name a float dtype, got {info['dtype']!r} (one of "
+                         f"{', '.join(str(d)[6:] for d in DECODABLE)})")
+    if not isinstance(shape, list) or not all(type(s) is int and 0 <= s <= MAX_SIZE
+                                              for s in shape):
+        raise ValueError(f"{key}: shape must be a list of sizes (0 to 2^62), got {shape!r}")
+    code, n = tensors[name + ".quant_map"], check_numel(shape, key)
+    if code.dtype != torch.float32 or code.dim() != 1 or not 2 <= code.numel() <= 16:
+        raise ValueError(f"{name}.quant_map: expected 2 to 16 float32 values in [-1, 1], got "
+                         f"{code.numel()} of {code.dtype}")
     known = CODES.get(quant_type)
     if quant_type != "custom" and known is None:
         raise ValueError(f"{key}: unknown quant_type {quant_type!r}; minqlora knows "
@@ -108,10 +114,9 @@ def state_from_dict(tensors: dict, name: str = "weight") -> tuple[torch.Tensor, 
     if known is not None and not torch.equal(code.cpu(), known):
         raise ValueError(f"{name}.quant_map is not the {quant_type} table that {key} names "
                          f"(bitsandbytes would decode with {quant_type}'s own table)")
-    if code.dtype != torch.float32 or code.dim() != 1 or not 2 <= code.numel() <= 16 \
-            or not torch.isfinite(code).all() or code.abs().max() > 1:
+    if not torch.isfinite(code).all() or code.abs().max() > 1:
         raise ValueError(f"{name}.quant_map: expected 2 to 16 float32 values in [-1, 1]")
-    absmax, n, blocksize = tensors[name + ".absmax"], torch.Size(shape).numel(), info["blocksize"]
+    absmax, blocksize = tensors[name + ".absmax"], info["blocksize"]
     check_blocksize(blocksize, key)
     n_blocks, kind = ceil_div(n, blocksize), torch.uint8 if nested else torch.float32
     if absmax.dtype != kind or absmax.numel() != n_blocks:
@@ -125,20 +130,32 @@ def state_from_dict(tensors: dict, name: str = "weight") -> tuple[torch.Tensor, 
                        dtype=dtype, quant_type=quant_type)
     if nested:
         absmax2, table = tensors[name + ".nested_absmax"], tensors[name + ".nested_quant_map"]
-        if (info["nested_blocksize"], info["nested_dtype"]) != (BLOCKSIZE2, "float32") \
-                or not torch.equal(table.cpu(), DYNAMIC):
-            raise ValueError(f"{key} / {name}.nested_quant_map: expected bitsandbytes' nested "
-                             f"state (blocksize {BLOCKSIZE2}, float32, the dynamic 8-bit map), got "
-                             f"blocksize {info['nested_blocksize']!r}, {info['nested_dtype']!r}")
+        if (info["nested_blocksize"], info["nested_dtype"]) != (BLOCKSIZE2, "float32"):
+            raise ValueError(f"{key}: expected bitsandbytes' nested state (blocksize "
+                             f"{BLOCKSIZE2}, float32), got blocksize "
+                             f"{info['nested_blocksize']!r}, {info['nested_dtype']!r}")
+        if table.dtype != torch.float32 or table.shape != (256,) or not torch.equal(
+                table.cpu(), DYNAMIC):
+            raise ValueError(f"{name}.nested_quant_map: expected the dynamic 8-bit map (256 "
+                             f"float32 values), got {table.numel()} other {table.dtype} values")
+        offset = info["nested_offset"]
         if absmax2.dtype != torch.float32 or absmax2.numel() != ceil_div(ceil_div(
-                n, state.blocksize), BLOCKSIZE2) or type(info["nested_offset"]) not in (int, float):
+                n, state.blocksize), BLOCKSIZE2) or not _finite32(offset):
             raise ValueError(f"{name}.nested_absmax: expected one float32 per {BLOCKSIZE2} "
                              f"absmaxes, got {absmax2.numel()} of {absmax2.dtype} (and "
-                             f"nested_offset {info['nested_offset']!r})")
-        offset = torch.tensor(float(info["nested_offset"]), dtype=torch.float32, device=absmax.device)
-        state.offset, state.state2 = offset, absmax_state(absmax2, absmax.numel())
+                             f"nested_offset {offset!r}: a finite float32)")
+        state.offset = torch.tensor(float(offset), dtype=torch.float32, device=absmax.device)
+        state.state2 = absmax_state(absmax2, absmax.numel())
     check_state(packed, state, name)     # byte count, blocksize, absmax count and dtype
     floats = [state.offset.reshape(1), state.state2.absmax] if nested else [absmax]
     if not all(torch.isfinite(t).all() for t in floats):
         raise ValueError(f"{name}.absmax / nested_absmax / nested_offset: non-finite values")
+    if nested and not torch.isfinite(state.absmax_fp32()).all():   # finite parts, inf sum
+        raise ValueError(f"{name}: the absmaxes decoded from nested_absmax, absmax and "
+                         "nested_offset overflow float32 (code * absmax2 + offset is inf)")
     return packed, state
+
+
+def _finite32(x) -> bool:
+    """x is a JSON number that float32 holds as a finite value."""
+    return type(x) in (int, float) and abs(x) <= 3.4028234663852886e38 and math.isfinite(x)

@@ -29,13 +29,13 @@ absmax (64,), quant_map (16,), nested_absmax (1,), nested_quant_map (256,), the 
 """
 import copy
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from .files import read_regular, replace_together, text_writer, write_atomic
 from .folders import (check_target, folder_compute_dtype, folder_config, index_keys, is_folder,
-                      quantization_config, read_config, weight_files, write_json, CONFIG, WEIGHTS)
+                      quantization_config, json_text, read_config, weight_files, CONFIG, WEIGHTS)
 from .linear4bit import Linear4bit
 from .load_plan import apply, file_name, plan, ties
 from .merge import merge_qlora
@@ -55,15 +55,7 @@ def write_safetensors(tensors: dict, path) -> None:
     """Write `tensors` with Transformers' metadata {"format": "pt"} through a private temporary
     file that replaces `path` only once complete."""
     from safetensors.torch import save_file
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                         suffix=".safetensors.tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
 
 
 def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
@@ -92,17 +84,21 @@ def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
     config = folder_config(model, quantization_config(layers, skip))
     check_target(path)
     os.makedirs(path, exist_ok=True)
-    write_safetensors(tensors, os.path.join(path, WEIGHTS))
-    write_json(os.path.join(path, CONFIG), config)
+    from safetensors.torch import save_file
+    replace_together({os.path.join(path, WEIGHTS):   # both files or neither (files.py)
+                      lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+                      os.path.join(path, CONFIG): text_writer(json_text(config))})
 
 
 def read_safetensors(path) -> dict:
-    """All tensors of a safetensors file (on the CPU), or a ValueError saying what it is not."""
+    """All tensors of a safetensors file (on the CPU), or a ValueError saying what it is not
+    (a folder, FIFO or device is refused before it is read: files.read_regular)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
+        read_regular(path)                  # a regular file: never a FIFO, device or folder
         return load_file(path)
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read it as a safetensors file ({error})") from None
 
 
@@ -127,8 +123,23 @@ def read_4bit(path) -> tuple:
 def check_4bit(model: nn.Module, tensors: dict) -> list:
     """Every problem of loading `tensors` (file keys) into `model`, as messages naming keys:
     missing and unexpected keys, sizes, each 4-bit layer's state (checked as its load does),
-    and tensors left on the meta device."""
-    return plan(model, tensors, torch.bfloat16)[0]
+    tensors left on the meta device, and non-finite values in the model's dtypes."""
+    return plan(model, tensors, torch.bfloat16)[0] + _not_finite(tensors, base_state_dict(model))
+
+
+def _not_finite(tensors: dict, model: dict) -> list:
+    """Messages for the file's tensors that hold NaN or Inf once cast to the model's dtype (a
+    float64 1e300 is inf in float32), or whose dtype the model's cannot take."""
+    problems = []
+    for k, v in model.items():
+        t = tensors.get(k)
+        if t is None or t.shape != v.shape:
+            continue                                      # reported above
+        if t.is_complex() and not v.is_complex():
+            problems.append(f"{k}: {t.dtype} in the file, {v.dtype} in the model")
+        elif v.is_floating_point() and not torch.isfinite(t.to(v.dtype)).all():
+            problems.append(f"{k}: non-finite values in {v.dtype} (the model's dtype)")
+    return problems
 
 
 def load_4bit(model: nn.Module, path, compute_dtype=None) -> nn.Module:
@@ -143,6 +154,7 @@ def load_4bit(model: nn.Module, path, compute_dtype=None) -> nn.Module:
     tensors, config = read_4bit(path)
     dtype = compute_dtype or folder_compute_dtype(config) or torch.bfloat16
     problems, layers = plan(model, tensors, dtype)
+    problems += _not_finite(tensors, base_state_dict(model))
     if problems:
         raise ValueError(f"load_4bit: {path} does not fit the model ({len(problems)} "
                          f"problem(s)):\n  " + "\n  ".join(problems[:20]))

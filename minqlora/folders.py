@@ -19,7 +19,6 @@ read as the two files the index names, and only those.
 """
 import json
 import os
-import tempfile
 
 import torch
 
@@ -130,18 +129,9 @@ def folder_config(model, quantization: dict) -> dict:
             "quantization_config": quantization}
 
 
-def write_json(path, value: dict) -> None:
-    """Write a JSON object through a private temporary file moved into place once complete."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                         suffix=".json.tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+def json_text(value: dict) -> str:
+    """config.json's text: the object indented and sorted, as Transformers writes it."""
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 
 def check_target(folder) -> None:

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 # kernels/ sits inside minqlora/ in a wheel, beside it in a checkout (editable install)
 KERNELS = next((p for p in (HERE / "kernels", HERE.parent / "kernels")
                 if (p / "dequant_nf4.cu").exists()), HERE / "kernels")
+MAX_GRID = 2 ** 31 - 1        # blocks in one launch (gridDim.x)
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
 
 
@@ -66,7 +67,11 @@ def grid(n: int, source: str) -> tuple[int, int]:
     ((2048, 256), (1, 256), (0, 256))
     """
     threads, per_thread = geometry(source)
-    return ceil_div(n, threads * 2 * per_thread), threads
+    blocks = ceil_div(n, threads * 2 * per_thread)
+    if blocks > MAX_GRID:                 # CUDA's limit; the emulation's block index is 32-bit
+        raise ValueError(f"dequantize_4bit: {n} weights need a grid of {blocks} blocks, more "
+                         f"than a launch takes ({MAX_GRID})")
+    return blocks, threads
 
 
 def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
@@ -82,6 +87,8 @@ def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
     if any(t.device != packed.device for t in tensors):
         raise ValueError(f"dequantize_4bit: the state must be on {packed.device} like packed "
                          f"(state.to({str(packed.device)!r}))")
+    if packed.is_meta:                       # data_ptr() 0: a kernel would read address 0
+        raise ValueError("dequantize_4bit: meta tensors hold no bytes to decode")
     if (out.dtype not in SUFFIX or out.shape != (n,) or not out.is_contiguous()
             or out.device != packed.device or out.data_ptr() % 16):
         raise ValueError(f"dequantize_4bit: out must be a contiguous, 16-byte aligned ({n},) "

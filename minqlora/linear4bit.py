@@ -61,11 +61,12 @@ class Layout(NamedTuple):
     dtype: torch.dtype
     backend: str = "auto"
 
-    def state(self, absmax, code, absmax2=None, offset=None) -> QuantState:
+    def state(self, absmax, code, absmax2=None, offset=None, shared=False) -> QuantState:
         """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
-        qabsmax of a double-quantized state."""
-        nested = {} if absmax2 is None else dict(offset=offset,
-                                                 state2=absmax_state(absmax2, absmax.numel()))
+        qabsmax of a double-quantized state, its DYNAMIC table a copy of its own (shared=True:
+        one per device, for a state that never leaves a pass)."""
+        nested = {} if absmax2 is None else dict(offset=offset, state2=absmax_state(
+            absmax2, absmax.numel(), shared=shared))
         return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
                           dtype=self.dtype, quant_type=self.quant_type, **nested)
 
@@ -77,7 +78,8 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, layout, packed, *constants):
         ctx.layout = layout
         ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, layout.state(*constants), x.dtype, layout.backend)
+        weight = dequantize_4bit(packed, layout.state(*constants, shared=True), x.dtype,
+                                 layout.backend)
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
@@ -86,7 +88,7 @@ class Linear4bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
             dtype = grad_out.dtype                              # forward's W, bit for bit
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants), dtype,
+            weight = dequantize_4bit(packed, ctx.layout.state(*constants, shared=True), dtype,
                                      ctx.layout.backend)
             if grad_out.device.type == "cpu" and dtype.itemsize < 4:   # in float32 (see above)
                 grad_x = (grad_out.float() @ weight.float()).to(dtype)

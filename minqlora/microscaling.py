@@ -27,12 +27,12 @@ overflows (NaN or saturated codes for all-zero tensors and absmax < 2688 * 2^-12
 Worked example: x = [0.3, -1.0, 5.0, 0.2] with blocksize 4: absmax 5, X = 2^(2-2) = 1,
 q codes 0.5, -1, 4 (5 is a tie: 4 has the even index), 0 (0.2 is nearer to 0 than to 0.5).
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ._checks import check_blocksize, check_float
+from .mx_state import T_MIN, MXState, check_mx
 from .nf4 import pack_4bit
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float32)
@@ -40,37 +40,6 @@ E2M1 = torch.cat([E2M1, -E2M1])                  # index = the 4 bits; 8..15 hav
 _MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2          # 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5
 _PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], dim=1)  # (256, 2): low, high
 E4M3_MAX, E4M3_TINY = 448.0, 2.0 ** -6           # largest and smallest normal E4M3 values
-T_MIN = 2.0 ** -121                              # the least t with (1 / t) / E4M3_TINY finite
-
-
-@dataclass
-class MXState:
-    """What decodes an MXFP4 / NVFP4 tensor: one scale per block of the last dimension.
-
-    scales: (..., K // blocksize) uint8 E8M0 exponents (mxfp4) or float8_e4m3fn (nvfp4);
-    tensor_scale: the float32 t of NVFP4 (None for MXFP4).
-    """
-    scales: torch.Tensor
-    blocksize: int
-    shape: torch.Size
-    dtype: torch.dtype
-    format: str
-    tensor_scale: Optional[torch.Tensor] = None
-
-    def block_scales(self) -> torch.Tensor:
-        """Each block's scale in float32: 2^(e - 127) for MXFP4, t * S for NVFP4."""
-        if self.format == "mxfp4":
-            return torch.exp2(self.scales.double() - 127).float()      # exact, 2^-127 included
-        return self.tensor_scale * self.scales.float()
-
-    def nbytes(self) -> int:
-        """Bytes stored for the constants: one byte per block (+ 4 for NVFP4's t)."""
-        return self.scales.numel() + (4 if self.tensor_scale is not None else 0)
-
-    def bits_per_param(self) -> float:
-        """4 bits per value + 8 per block (+ 32 per tensor for NVFP4): 4.25, or 4.5 + 32/n."""
-        extra = 32 / self.shape.numel() if self.tensor_scale is not None else 0.0
-        return 4 + 8 / self.blocksize + extra
 
 
 def _blocks(x, blocksize, where):
@@ -105,10 +74,7 @@ def _pack(bits, shape):
 
 
 def _decode(packed, state, dtype, where):
-    n = state.shape.numel()
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n:
-        raise ValueError(f"{where}: expected {n // 2} uint8 bytes for shape "
-                         f"{tuple(state.shape)}, got {packed.numel()} of {packed.dtype}")
+    check_mx(packed, state, where.rpartition("_")[2], dtype, where)
     pairs = _PAIRS.to(packed.device)                                  # byte -> its two values
     values = torch.nn.functional.embedding(packed.reshape(-1).long(), pairs)     # (n // 2, 2)
     values = values.view(-1, state.blocksize) * state.block_scales().reshape(-1, 1)
@@ -128,7 +94,8 @@ def quantize_mxfp4(x: torch.Tensor, blocksize: int = 32) -> tuple[torch.Tensor, 
     absmax = blocks.abs().amax(dim=1)                                # (n_blocks,)
     exponent = ((absmax.view(torch.int32) >> 23) & 0xFF) - 127      # floor(log2); 0 -> -127
     scales = ((exponent - 2).clamp(-127, 127) + 127).to(torch.uint8)  # E8M0, bias 127
-    state = MXState(scales.reshape(*x.shape[:-1], -1), blocksize, x.shape, x.dtype, "mxfp4")
+    state = MXState(scales.reshape(*x.shape[:-1], x.shape[-1] // blocksize), blocksize,
+                    x.shape, x.dtype, "mxfp4")
     bits = e2m1_encode(blocks / state.block_scales().reshape(-1, 1))
     return _pack(bits, x.shape), state
 
@@ -149,8 +116,9 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     ([448.0], [0.4167, -0.8333, 5.0, 0.0])
     """
     blocks = _blocks(x, blocksize, "quantize_nvfp4")
-    if tensor_scale is None:
-        tensor_scale = (x.detach().abs().amax().float() / (E4M3_MAX * 6)).clamp(min=T_MIN)
+    if tensor_scale is None:                                         # an empty x: t = 2^-121
+        absmax = x.detach().abs().amax().float() if x.numel() else torch.tensor(0.0)
+        tensor_scale = (absmax / (E4M3_MAX * 6)).clamp(min=T_MIN)
     t = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
     if t.numel() != 1 or not (torch.isfinite(t) & (t >= T_MIN)).all():
         raise ValueError(f"quantize_nvfp4: tensor_scale must be one finite number >= 2^-121, "
@@ -159,7 +127,8 @@ def quantize_nvfp4(x: torch.Tensor, blocksize: int = 16, tensor_scale: Optional[
     scales = block_scale.clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
     v = blocks * ((1.0 / t) / scales.float()).unsqueeze(1)           # torchao's order of ops
     bits = e2m1_encode(v)                                            # saturates at +-6
-    state = MXState(scales.reshape(*x.shape[:-1], -1), blocksize, x.shape, x.dtype, "nvfp4", t)
+    state = MXState(scales.reshape(*x.shape[:-1], x.shape[-1] // blocksize), blocksize,
+                    x.shape, x.dtype, "nvfp4", t)
     return _pack(bits, x.shape), state
 
 

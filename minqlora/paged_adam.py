@@ -13,8 +13,7 @@ theta = 1 - 0.1 / 0.1 * 0.05 / (0.0158 / 0.0316 + 1e-8) = 0.9 (the first step mo
 weight by lr, whatever the gradient's size). Every line is elementwise, so the step runs one
 page at a time (a page of m and one of v, with the same elements of theta and g): a budget
 smaller than one parameter's state still trains, bit-identical to torch.optim.AdamW(foreach=
-False) for float32 and float64 parameters. Budgets, eviction, counters and the CPU simulation
-of the device are pager.py's job.
+False) for float32 and float64 parameters (budgets, eviction, counters: pager.py's job).
 
 Low-precision (float16, bfloat16) parameters keep float32 state by default, as bitsandbytes'
 32-bit paged AdamW does: the update runs in float32 and is rounded once into the parameter. In
@@ -27,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from ._checks import check_adamw_options, check_adamw_state
+from ._checks import check_adamw_hyper, check_adamw_options, check_adamw_state
 from .pager import OutOfBudget, Pager
 
 KEYS = ("exp_avg", "exp_avg_sq")
@@ -73,14 +72,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  amsgrad=False, *, maximize=False, pager=None, is_paged=True, fp32_state=True):
-        for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
-                                ("weight_decay", weight_decay, weight_decay >= 0),
-                                ("betas[0]", betas[0], 0 <= betas[0] < 1),
-                                ("betas[1]", betas[1], 0 <= betas[1] < 1)):
-            if not ok:
-                bound = " and < 1" if name.startswith("betas") else ""
-                raise ValueError(f"PagedAdamW: {name} must be >= 0{bound}, got {value!r}")
-        self.fp32_state = fp32_state
+        check_adamw_hyper(locals(), "PagedAdamW")       # lr, betas, eps, weight_decay
+        self.fp32_state = fp32_state                    # (add_param_group: each group's)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize))
         if pager is None and is_paged:
@@ -88,7 +81,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.pager, self.is_paged = pager, is_paged
 
     def add_param_group(self, param_group: dict) -> None:
-        check_adamw_options({**self.defaults, **param_group}, "add_param_group")
+        check_adamw_options({**self.defaults, **param_group}, "add_param_group")   # and values
         super().add_param_group(param_group)
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
@@ -112,10 +105,8 @@ class PagedAdamW(torch.optim.Optimizer):
         """One AdamW step over every parameter with a gradient; returns closure's loss. If one
         page of m and one of v cannot fit beside the reserved bytes, it raises OutOfBudget
         before anything changes."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         updates = []   # (param, grad, its state, _adamw_update's scalars: lr ... )
         for group in self.param_groups:
             check_adamw_options(group, "step")
@@ -177,14 +168,15 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch AdamW's (or PagedAdamW's) state_dict, checked as torch checks it and more
-        (each state's keys and shape, the options above); paged state goes into new pages. All
-        or nothing: if anything fails, the optimizer and its pager stay exactly as they were."""
+        (each state's keys, shape and values; options and hyperparameters as at construction);
+        paged state goes into new pages. All or nothing: if anything fails, the optimizer and
+        its pager stay exactly as they were."""
         old, params = (self.state, self.param_groups), [p for g in self.param_groups
                                                         for p in g["params"]]
         try:
             with self.pager.transaction() if self.is_paged else contextlib.nullcontext():
                 super().load_state_dict({**state_dict, "state": {}})   # the groups' checks
-                for group in self.param_groups:
+                for group in self.param_groups:      # options and values, as at construction
                     check_adamw_options(group, "load_state_dict")
                 ids = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]],
                                params))
@@ -205,6 +197,4 @@ class PagedAdamW(torch.optim.Optimizer):
         where = f"PagedAdamW.load_state_dict: the state of parameter {i!r}"
         if i not in ids:
             raise ValueError(f"{where}: no such parameter in the state_dict's param_groups")
-        p, step = ids[i], check_adamw_state(saved, ids[i].shape, where)
-        return {"step": step, **{k: saved[k].to(p.device, self._state_dtype(p), copy=True)
-                                 .contiguous() for k in KEYS}}
+        return check_adamw_state(saved, ids[i], self._state_dtype(ids[i]), where)

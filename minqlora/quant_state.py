@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_blocksize, check_code, check_dtype, check_float
+from ._checks import DECODABLE, check_blocksize, check_code, check_dtype, check_float, check_numel
 from .blockwise import ceil_div, dequantize_blockwise, nearest_code, scale_blocks
 from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantize
 from .nf4 import get_code, pack_4bit, unpack_4bit
@@ -65,9 +65,9 @@ class QuantState:
         """Per-block absmax in float32, double-dequantized (with state2's own code) if nested."""
         if not self.nested:
             return self.absmax.float()
-        inner = self.state2                                  # the absmaxes' own blockwise state
-        return double_dequantize(self.absmax, inner.absmax, self.offset, inner.blocksize,
-                                 inner.code)
+        inner = self.state2          # the absmaxes' own blockwise state, in float32 as the kernels
+        return double_dequantize(self.absmax, inner.absmax.float(), self.offset.float(),
+                                 inner.blocksize, inner.code.float())
 
     def bits_per_param(self) -> float:
         """Storage bits per weight, as the paper counts them (4.5, or 4.127 when nested): the
@@ -113,19 +113,22 @@ def _dynamic_on(device: torch.device) -> torch.Tensor:
     return _DYNAMIC_ON[device]
 
 
-def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None) -> QuantState:
+def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None,
+                 shared: bool = False) -> QuantState:
     """state2 of a double-quantized state: how its n_absmax qabsmax bytes decode (DYNAMIC, one
-    absmax2 per BLOCKSIZE2 of them). The one place a state2 is built. code=None shares one
-    copy of DYNAMIC per device (a state made for each forward pass); quantize_4bit gives each
-    state its own."""
-    code = _dynamic_on(absmax2.device) if code is None else code
+    absmax2 per BLOCKSIZE2 of them). The one place a state2 is built. code=None: the state's own
+    copy of DYNAMIC (an edit of one state's table changes no other); shared=True: one copy per
+    device, for Linear4bit's passes, whose states never leave them."""
+    if code is None:
+        code = _dynamic_on(absmax2.device) if shared else _dynamic_on(absmax2.device).clone()
     return QuantState(absmax=absmax2, code=code, blocksize=BLOCKSIZE2,
                       shape=torch.Size([n_absmax]), dtype=torch.float32, quant_type="dynamic")
 
 
 def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
     """A TypeError / ValueError unless packed and state fit together: ceil(n/2) uint8 bytes for
-    state.shape (a torch.Size), a floating-point state.dtype, a power-of-two blocksize, a 1-D
+    state.shape (a torch.Size of n <= 2^62 values, counted without wrapping around), a DECODABLE
+    state.dtype, a power-of-two blocksize <= 2^62 (C++'s shifts stay defined), a 1-D
     float code of 2 to 16 values, one absmax per block (float; uint8 when nested) and, when
     nested, one float offset and a state2 with a power-of-two blocksize, one float absmax2 per
     state2.blocksize absmaxes and a 256-value float code, all 1-D (or 0-d). Shapes and dtypes
@@ -134,10 +137,10 @@ def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
         raise TypeError(f"{where}: expected a QuantState, got {type(state).__name__}")
     if not isinstance(state.shape, torch.Size) or any(d < 0 for d in state.shape):
         raise TypeError(f"{where}: state.shape must be a torch.Size, got {state.shape!r}")
-    if not (isinstance(state.dtype, torch.dtype) and state.dtype.is_floating_point):
+    if state.dtype not in DECODABLE:
         raise TypeError(f"{where}: state.dtype (what was quantized) must be a floating-point "
-                        f"dtype, got {state.dtype!r}")
-    n, nested, uint8 = state.shape.numel(), state.state2 is not None, torch.uint8
+                        f"dtype ({', '.join(str(d)[6:] for d in DECODABLE)}), got {state.dtype!r}")
+    n, nested, uint8 = check_numel(state.shape, where), state.state2 is not None, torch.uint8
     _fits(packed, ceil_div(n, 2), uint8, where, lambda: f"{ceil_div(n, 2)} uint8 bytes for "
           f"shape {tuple(state.shape)}", any_shape=True)      # messages made only on failure
     check_blocksize(state.blocksize, where)

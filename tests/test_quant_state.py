@@ -196,15 +196,15 @@ def test_quant_state_moves_and_keeps_its_fields():
 
 def test_absmax_state_is_the_nested_states_state2():
     """quantize_4bit builds state2 with absmax_state: DYNAMIC, blocksize 256, one shape entry
-    per absmax. absmax_state's default code is one shared copy per device (for the states a
-    layer makes each forward pass), never DYNAMIC itself; quantize_4bit's state owns its copy."""
+    per absmax. Each state owns its copy of DYNAMIC (issue 22: an edit of one state's table
+    must change no other), never DYNAMIC itself; quantize_4bit's state owns its copy too."""
     _, state = quantize_4bit(gaussian((40, 64)))
     inner = absmax_state(state.state2.absmax, 40)
     for field in ("blocksize", "shape", "dtype", "quant_type", "offset", "state2"):
         assert getattr(inner, field) == getattr(state.state2, field), field
     assert (inner.blocksize, inner.shape, inner.quant_type) == (256, (40,), "dynamic")
     assert torch.equal(inner.code, DYNAMIC) and inner.code is not DYNAMIC
-    assert inner.code is absmax_state(state.state2.absmax, 40).code
+    assert inner.code is not absmax_state(state.state2.absmax, 40).code
     assert torch.equal(state.state2.code, DYNAMIC) and state.state2.code is not inner.code
 
 

@@ -103,6 +103,19 @@ def probe_bnb_decode(bnb, decode=None):
     return None
 
 
+_FAULT = {}
+
+
+def reference_decode(bnb, packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' decode of its own bytes where probe_bnb_decode (run once per process) finds
+    it right on this machine; the definition of the same bytes where it does not."""
+    if "bnb" not in _FAULT:
+        _FAULT["bnb"] = probe_bnb_decode(bnb)
+    if _FAULT["bnb"] is None:
+        return bnb.functional.dequantize_4bit(packed, quant_state)
+    return bnb_definition(packed, quant_state)
+
+
 def describe(bnb=None) -> str:
     """One line: the CPU, torch's kernel path, and bitsandbytes' decode path and whether it is
     right here (bnb: the imported module, or None where it is absent)."""
