@@ -147,3 +147,62 @@ def test_lesson01_implement(capsys):
                 lambda q, a, b: q * a / 2 ** (b - 1))
     expect_hint(capsys, l01.exercise_5, "raised ZeroDivisionError", quantize01,
                 lambda q, a, b: 1 / 0)
+
+
+# ---------------------------------------------------------------- lesson 02
+from minqlora.exercises import lesson02 as l02  # noqa: E402
+
+
+def quantize02(x, code, blocksize, ties_up=False, tiny=1e-38, pad=True):
+    flat = x.reshape(-1).float()
+    extra = -flat.numel() % blocksize if pad else 0
+    blocks = torch.cat([flat, flat.new_zeros(extra)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=tiny))[:, None]).clamp(-1, 1)
+    mid = (code[:-1] + code[1:]) / 2
+    q = ((scaled[..., None] >= mid) if ties_up else (scaled[..., None] > mid)).sum(dim=-1)
+    return q.reshape(-1)[: x.numel()].reshape(x.shape), absmax
+
+
+def dequantize02(q, absmax, code, blocksize):
+    values = code[q.reshape(-1).long()]
+    blocks = torch.cat([values, values.new_zeros(-values.numel() % blocksize)]).view(-1, blocksize)
+    return (blocks * absmax[:, None]).reshape(-1)[: q.numel()].reshape(q.shape)
+
+
+def test_lesson02(capsys):
+    right1 = dict(absmax=[0.6, 2.0], q=[3, 0, 3, 2, 4, 1, 3, 3],
+                  x_hat=[0.15, -0.6, 0.15, 0.0, 2.0, -1.0, 0.5, 0.5])
+    expect_right(capsys, l02.exercise_1, right1)
+    expect_hint(capsys, l02.exercise_1, "a tie goes to the lower index",
+                dict(right1, q=[3, 0, 3, 2, 4, 2, 3, 3]))
+    expect_right(capsys, l02.exercise_2, dict(bits=4.5, blocksize=512, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "try the powers of two",
+                dict(bits=4.5, blocksize=256, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "power of two", dict(bits=4.5, blocksize=320, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "whole number", dict(bits=4.5, blocksize=512.5, mb=437.5))
+    m = ((l02.INT4[7] + l02.INT4[8]) / 2).item()
+    expect_right(capsys, l02.exercise_3, dict(midpoint=m, at_midpoint=7, just_above=8))
+    expect_hint(capsys, l02.exercise_3, "which way a tie goes",
+                dict(midpoint=m, at_midpoint=8, just_above=8))
+    expect_right(capsys, l02.exercise_4, dict(changed=52, blocks=[15]))
+    expect_hint(capsys, l02.exercise_4, "not every value", dict(changed=64, blocks=[15]))
+    expect_hint(capsys, l02.exercise_5, "should be 'a', 'b' or 'c'",
+                dict(plain=1.47, outliers=3.59, why="d"))
+    expect_hint(capsys, l02.exercise_5, "why: compare", dict(plain=1.47, outliers=3.59, why="a"))
+
+
+def test_lesson02_implement(capsys):
+    expect_right(capsys, l02.exercise_6, quantize02, dequantize02)
+    expect_hint(capsys, l02.exercise_6, "strictly below",
+                lambda *a: quantize02(*a, ties_up=True), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "all-zero block",
+                lambda *a: quantize02(*a, tiny=0.0), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "own absmax",
+                lambda x, c, b: (quantize02(x, c, b)[0], x.abs().max()), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "uneven codebook",
+                lambda x, c, b: quantize02(x, l02.INT4, b), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "raised RuntimeError",
+                lambda *a: quantize02(*a, pad=False), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "dequantize: x_hat", quantize02,
+                lambda q, a, c, b: c[q.long()])
