@@ -206,3 +206,47 @@ def test_lesson02_implement(capsys):
                 lambda *a: quantize02(*a, pad=False), dequantize02)
     expect_hint(capsys, l02.exercise_6, "dequantize: x_hat", quantize02,
                 lambda q, a, c, b: c[q.long()])
+
+
+# ---------------------------------------------------------------- lesson 03
+from minqlora.exercises import lesson03 as l03  # noqa: E402
+
+
+def nf4_03(offset, npos=9, nneg=8, normalise=True, zero=True, sort=True):
+    from scipy.stats import norm
+    pos = norm.ppf(torch.linspace(offset, 0.5, npos)[:-1].double().numpy()).tolist()
+    neg = (-norm.ppf(torch.linspace(offset, 0.5, nneg)[:-1].double().numpy())).tolist()
+    v = torch.tensor(pos + ([0.0] if zero else []) + neg)
+    v = v.sort().values if sort else v
+    return v / v.max() if normalise else v
+
+
+def test_lesson03(capsys):
+    right1 = dict(normal="nf4", laplace="nf4", uniform="int4", why="b")
+    expect_right(capsys, l03.exercise_1, right1)
+    expect_hint(capsys, l03.exercise_1, "uniform: compare", dict(right1, uniform="nf4"))
+    expect_hint(capsys, l03.exercise_1, "dense where", dict(right1, why="a"))
+    expect_hint(capsys, l03.exercise_1, "should be one of", dict(right1, why="d"))
+    sweep = l03._offset_sweep()
+    best = min(sweep, key=sweep.get)
+    expect_right(capsys, l03.exercise_2, dict(best_offset=best, why="a"))
+    expect_hint(capsys, l03.exercise_2, "one of the six", dict(best_offset=0.5, why="a"))
+    expect_hint(capsys, l03.exercise_2, "take the smallest", dict(best_offset=0.99, why="a"))
+    expect_right(capsys, l03.exercise_3, [0xF0, 0x70])
+    expect_hint(capsys, l03.exercise_3, "HIGH nibble", [0x0F, 0x70])
+    expect_hint(capsys, l03.exercise_3, "padding", [0xF0, 0x07])
+    expect_hint(capsys, l03.exercise_3, "0 to 255", [0xF00, 0x70])
+
+
+def test_lesson03_implement(capsys):
+    expect_right(capsys, l03.exercise_4, nf4_03)
+    for hint, fn in {"sort the 16": lambda o: nf4_03(o, sort=False),
+                     "divide by the largest": lambda o: nf4_03(o, normalise=False),
+                     "one exact 0": lambda o: torch.cat([nf4_03(o, zero=False)[:7],
+                                                         torch.tensor([1e-3]),
+                                                         nf4_03(o, zero=False)[7:]]),
+                     "8 positive values": lambda o: nf4_03(o, npos=8, nneg=9),
+                     "offset argument": lambda o: nf4_03(0.9677083),
+                     "infinite": lambda o: nf4_03(1.0),
+                     "yours has 15": lambda o: nf4_03(o)[:15]}.items():
+        expect_hint(capsys, l03.exercise_4, hint, fn)
