@@ -250,3 +250,40 @@ def test_lesson03_implement(capsys):
                      "infinite": lambda o: nf4_03(1.0),
                      "yours has 15": lambda o: nf4_03(o)[:15]}.items():
         expect_hint(capsys, l03.exercise_4, hint, fn)
+
+
+# ---------------------------------------------------------------- lesson 04
+from minqlora.exercises import lesson04 as l04  # noqa: E402
+
+
+def dq04(absmax, offset=True, blocksize=256):
+    off = absmax.mean() if offset else torch.tensor(0.0)
+    q, a2 = l04.quantize_blockwise(absmax - off, l04.DYNAMIC, blocksize)
+    return q, a2, off
+
+
+def dd04(q, a2, off):
+    return l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256) + off
+
+
+def test_lesson04(capsys):
+    right1 = dict(b128=4.25, b128_dq=4.0635, b32=5.0, b32_dq=4.2539)
+    expect_right(capsys, l04.exercise_1, right1)
+    expect_hint(capsys, l04.exercise_1, "b32_dq: 4 bits", dict(right1, b32_dq=4.127))
+    expect_hint(capsys, l04.exercise_2, "whole number", dict(used=3.5, ratio=1, why="a"))
+    expect_hint(capsys, l04.exercise_2, "why: look", dict(used=3, ratio=1, why="b"))
+    expect_hint(capsys, l04.exercise_3, "'a' or 'b'", dict(rmse_256=1, rmse_64_dq=1, smaller="c"))
+    expect_hint(capsys, l04.exercise_3, "rmse_256: quantize",
+                dict(rmse_256=1, rmse_64_dq=1, smaller="b"))
+
+
+def test_lesson04_implement(capsys):
+    expect_right(capsys, l04.exercise_4, dq04, dd04)
+    expect_hint(capsys, l04.exercise_4, "subtract the offset first",
+                lambda a: dq04(a, offset=False), dd04)
+    expect_hint(capsys, l04.exercise_4, "not absmax itself",
+                lambda a: dq04(a, offset=False)[:2] + (a.mean(),), dd04)
+    expect_hint(capsys, l04.exercise_4, "one per block of 256",
+                lambda a: dq04(a, blocksize=64), dd04)
+    expect_hint(capsys, l04.exercise_4, "add the offset back", dq04,
+                lambda q, a2, off: l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256))
