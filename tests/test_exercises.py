@@ -287,3 +287,41 @@ def test_lesson04_implement(capsys):
                 lambda a: dq04(a, blocksize=64), dd04)
     expect_hint(capsys, l04.exercise_4, "add the offset back", dq04,
                 lambda q, a2, off: l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256))
+
+
+# ---------------------------------------------------------------- lesson 06
+from minqlora.exercises import lesson06 as l06  # noqa: E402
+
+
+def forward06(x, W, b, A, B, alpha, r):
+    y = x @ W.T + (alpha / r) * (x @ A.T) @ B.T
+    return y if b is None else y + b
+
+
+def merge06(W, A, B, alpha, r):
+    return W + (alpha / r) * B @ A
+
+
+def test_lesson06(capsys):
+    expect_right(capsys, l06.exercise_1, dict(trainable=4_997_120, fraction=4_997_120 / 202_113_024))
+    expect_hint(capsys, l06.exercise_1, "not a percentage", dict(trainable=4_997_120, fraction=2.47))
+    expect_hint(capsys, l06.exercise_1, "r * (in + out)", dict(trainable=4_997_121,
+                                                               fraction=4_997_120 / 202_113_024))
+    expect_right(capsys, l06.exercise_2, dict(A_moved=False, B_moved=False, why="a"))
+    expect_hint(capsys, l06.exercise_2, "Adam steps", dict(A_moved=True, B_moved=False, why="a"))
+    expect_hint(capsys, l06.exercise_2, "should be one of", dict(A_moved="no", B_moved=False,
+                                                                 why="a"))
+    expect_hint(capsys, l06.exercise_3, "should be one of", dict(trend="up", steadier="alpha/r"))
+
+
+def test_lesson06_implement(capsys):
+    expect_right(capsys, l06.exercise_4, forward06, merge06)
+    expect_hint(capsys, l06.exercise_4, "by alpha / r",
+                lambda x, W, b, A, B, al, r: forward06(x, W, b, A, B, r, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "not r / alpha",
+                lambda x, W, b, A, B, al, r: forward06(x, W, b, A, B, r * r / al, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "add the base's bias",
+                lambda x, W, b, A, B, al, r: forward06(x, W, None, A, B, al, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "scale B @ A", forward06, lambda W, A, B, al, r: W + B @ A)
+    expect_hint(capsys, l06.exercise_4, "raised RuntimeError", forward06,
+                lambda W, A, B, al, r: W + A.T @ B.T)
