@@ -39,8 +39,9 @@ def test_stub_says_not_implemented(module, capsys):
     def stub(*args):
         raise NotImplementedError
     for name, check in checks(module):
-        n = len(inspect.signature(check).parameters)
-        if "answer" in inspect.signature(check).parameters:
+        params = inspect.signature(check).parameters
+        n = len(params)
+        if "answer" in params or "function" in params:     # an autograd class: tested per lesson
             continue
         ok, out = verdict(capsys, check, *[stub] * n)
         assert ok is False and "not implemented yet" in out, (module, name, out)
@@ -325,3 +326,61 @@ def test_lesson06_implement(capsys):
     expect_hint(capsys, l06.exercise_4, "scale B @ A", forward06, lambda W, A, B, al, r: W + B @ A)
     expect_hint(capsys, l06.exercise_4, "raised RuntimeError", forward06,
                 lambda W, A, B, al, r: W + A.T @ B.T)
+
+
+# ---------------------------------------------------------------- lesson 07
+from minqlora.exercises import lesson07 as l07  # noqa: E402
+
+
+def function07(backward, save_weight=False):
+    from minqlora import dequantize_4bit
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bias, packed, state):
+            ctx.state, ctx.has_bias = state, bias is not None
+            W = dequantize_4bit(packed, state, dtype=x.dtype)
+            ctx.save_for_backward(packed, W) if save_weight else ctx.save_for_backward(packed)
+            return torch.nn.functional.linear(x, W, bias)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            W = dequantize_4bit(ctx.saved_tensors[0], ctx.state, dtype=grad_out.dtype)
+            return backward(ctx, grad_out, W)
+    return Function
+
+
+def right07(ctx, g, W):
+    return g @ W, g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None, None, None
+
+
+def test_lesson07(capsys):
+    expect_right(capsys, l07.exercise_1, dict(fp4_128=4.25, nf4_128_dq=4.0635))
+    expect_hint(capsys, l07.exercise_1, "an 8-bit absmax per block",
+                dict(fp4_128=4.25, nf4_128_dq=4.125))
+    expect_hint(capsys, l07.exercise_2, "should be 'a' or 'b' or 'c'",
+                dict(bf16=1e-3, fp32=0, weight=0.1, why="d"))
+    expect_hint(capsys, l07.exercise_2, "which error dominates",
+                dict(bf16=1e-3, fp32=0, weight=0.1, why="a"))
+    expect_right(capsys, l07.exercise_3, dict(changed=13, keeps_float32=True))
+    expect_hint(capsys, l07.exercise_3, "True or False", dict(changed=13, keeps_float32=1))
+    expect_hint(capsys, l07.exercise_3, "round mq.NF4", dict(changed=16, keeps_float32=True))
+
+
+def test_lesson07_implement(capsys):
+    expect_right(capsys, l07.exercise_4, function07(right07))
+
+    def stub(ctx, g, W):
+        raise NotImplementedError
+    expect_hint(capsys, l07.exercise_4, "not implemented yet", function07(stub))
+    expect_hint(capsys, l07.exercise_4, "one gradient per input",
+                function07(lambda ctx, g, W: (g @ W, None)))
+    expect_hint(capsys, l07.exercise_4, "so no transpose",
+                function07(lambda ctx, g, W: (g @ W.T, None, None, None)))
+    expect_hint(capsys, l07.exercise_4, "no minus sign",
+                function07(lambda ctx, g, W: (-right07(ctx, g, W)[0],) + right07(ctx, g, W)[1:]))
+    expect_hint(capsys, l07.exercise_4, "grad_bias: grad_out summed",
+                function07(lambda ctx, g, W: (g @ W, None, None, None)))
+    expect_hint(capsys, l07.exercise_4, "never keep the float W",
+                function07(right07, save_weight=True))
+    expect_hint(capsys, l07.exercise_4, "Function class itself", 3)
