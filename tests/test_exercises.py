@@ -384,3 +384,50 @@ def test_lesson07_implement(capsys):
     expect_hint(capsys, l07.exercise_4, "never keep the float W",
                 function07(right07, save_weight=True))
     expect_hint(capsys, l07.exercise_4, "Function class itself", 3)
+
+
+# ---------------------------------------------------------------- lesson 08
+from minqlora.exercises import lesson08 as l08  # noqa: E402
+
+
+def adamw08(p, g, m, v, t, lr, b1, b2, eps, wd):
+    return l08._adamw(p, g, m, v, t, lr, b1, b2, eps, wd)
+
+
+def lru08(resident, accesses, capacity):
+    order, out = list(resident), []
+    for pid in accesses:
+        if pid in order:
+            order.remove(pid)
+        elif len(order) >= capacity:
+            out.append(order.pop(0))
+        order.append(pid)
+    return out
+
+
+def test_lesson08(capsys):
+    expect_right(capsys, l08.exercise_1, 64 * 2**20)
+    expect_hint(capsys, l08.exercise_1, "two LoRA pairs", 32 * 2**20)
+    expect_right(capsys, l08.exercise_2, 512)
+    expect_hint(capsys, l08.exercise_2, "too small", 511)
+    expect_hint(capsys, l08.exercise_2, "a smaller budget still steps", 8000)
+    expect_hint(capsys, l08.exercise_2, "whole number", 511.5)
+    expect_right(capsys, l08.exercise_3, dict(page_ins=32, why="a"))
+    expect_hint(capsys, l08.exercise_3, "page_ins: step", dict(page_ins=16, why="a"))
+    expect_hint(capsys, l08.exercise_3, "should be one of", dict(page_ins=32, why="lru"))
+    expect_right(capsys, l08.exercise_4, dict(small=0.1, large=0.1, why="a"))
+    expect_hint(capsys, l08.exercise_4, "small: start", dict(small=1e-4, large=0.1, why="a"))
+
+
+def test_lesson08_implement(capsys):
+    expect_right(capsys, l08.exercise_5, adamw08)
+    for mistake, hint in l08.MISTAKES.items():
+        expect_hint(capsys, l08.exercise_5, hint,
+                    lambda *a, mistake=mistake: l08._adamw(*a, mistake=mistake))
+    expect_hint(capsys, l08.exercise_5, "return (param, m, v)", lambda *a: adamw08(*a)[0])
+    expect_right(capsys, l08.exercise_6, lru08)
+    assert lru08([0, 1, 2], [0, 3, 4], 3) == l08._pager_evictions(3, [0, 1, 2], [0, 3, 4])
+    expect_hint(capsys, l08.exercise_6, "not first-in first-out", l08._fifo)
+    expect_hint(capsys, l08.exercise_6, "least recently used page (the front",
+                lambda r, a, c: lru08(r, a, c)[::-1])
+    expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)

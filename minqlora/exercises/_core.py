@@ -72,28 +72,31 @@ def answer_dict(answer, keys) -> dict:
     return answer
 
 
-def number(answer: dict, key: str) -> float:
-    """answer[key] as a float (a Python or NumPy number, or a one-element tensor), or Stop."""
-    value = answer[key]
+def number(answer, key: str = None) -> float:
+    """answer[key] (or, with no key, the answer itself) as a float: a Python or NumPy number, or a
+    one-element tensor; else Stop."""
+    no_answer(answer)
+    value, name = (answer, "answer_{n}") if key is None else (answer[key], f"answer_{{n}}[{key!r}]")
     if isinstance(value, (bool, str)) or not hasattr(value, "__float__"):
-        raise Stop(f"answer_{{n}}[{key!r}] should be a number, got {value!r}.")
+        raise Stop(f"{name} should be a number, got {value!r}.")
     try:
         return float(value)
     except (TypeError, ValueError, RuntimeError):
-        raise Stop(f"answer_{{n}}[{key!r}] should be a single number, got {value!r}.") from None
+        raise Stop(f"{name} should be a single number, got {value!r}.") from None
 
 
-def whole(answer: dict, key: str, lowest=None, power_of_two: bool = False) -> int:
-    """answer[key] as an int (no fraction, no bool), at least `lowest`, a power of two if asked."""
+def whole(answer, key: str = None, lowest=None, power_of_two: bool = False) -> int:
+    """answer[key] (or the answer itself) as an int: no fraction, no bool, at least `lowest`, a
+    power of two if asked; else Stop."""
     value = number(answer, key)
+    name = "answer_{n}" if key is None else f"answer_{{n}}[{key!r}]"
     if not value.is_integer():
-        raise Stop(f"answer_{{n}}[{key!r}] should be a whole number, got {answer[key]!r}.")
+        raise Stop(f"{name} should be a whole number, got {value!r}.")
     value = int(value)
     if lowest is not None and value < lowest:
-        raise Stop(f"answer_{{n}}[{key!r}] should be at least {lowest}, got {value}.")
+        raise Stop(f"{name} should be at least {lowest}, got {value}.")
     if power_of_two and (value < 1 or value & (value - 1)):
-        raise Stop(f"answer_{{n}}[{key!r}] should be a power of two (1, 2, 4, 8, ...), "
-                   f"got {value}.")
+        raise Stop(f"{name} should be a power of two (1, 2, 4, 8, ...), got {value}.")
     return value
 
 
