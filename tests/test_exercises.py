@@ -431,3 +431,42 @@ def test_lesson08_implement(capsys):
     expect_hint(capsys, l08.exercise_6, "least recently used page (the front",
                 lambda r, a, c: lru08(r, a, c)[::-1])
     expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)
+
+
+# ---------------------------------------------------------------- lesson 11
+from minqlora.exercises import lesson11 as l11  # noqa: E402
+
+
+def test_lesson11(capsys):
+    from minqlora import lloyd_max_code
+    expect_right(capsys, l11.exercise_1, dict(code=lloyd_max_code(256), closer_at=256))
+    expect_hint(capsys, l11.exercise_1, "limit for blocks of 64",
+                dict(code=lloyd_max_code(64), closer_at=256))
+    expect_hint(capsys, l11.exercise_1, "closer_at: compare",
+                dict(code=lloyd_max_code(256), closer_at=64))
+    expect_hint(capsys, l11.exercise_1, "sorted", dict(code=list(range(16))[::-1], closer_at=64))
+    expect_hint(capsys, l11.exercise_1, "64 or 256", dict(code=lloyd_max_code(256), closer_at="64"))
+    expect_right(capsys, l11.exercise_2, torch.rand(1024, 1024) * 2 - 1)
+    expect_hint(capsys, l11.exercise_2, "pile up near 0", torch.randn(1024, 1024))
+    expect_hint(capsys, l11.exercise_2, "floating-point tensor", [1.0, 2.0])
+    expect_right(capsys, l11.exercise_3, dict(blocksize=64, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "whole number", dict(blocksize=63.02, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "power of two", dict(blocksize=63, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "solve 8 / B", dict(blocksize=16, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "lower_error: compare",
+                dict(blocksize=64, lower_error="NVFP4"))
+
+
+def test_lesson11_implement(capsys):
+    expect_right(capsys, l11.exercise_4, l11._lloyd_step)
+
+    def step(code, s, w, ties_up=False, weighted=True, keep_empty=True):
+        cell = torch.bucketize(s, (code[:-1] + code[1:]) / 2, right=ties_up)
+        w = w if weighted else torch.ones_like(w)
+        mass = torch.zeros(len(code), dtype=s.dtype).index_add_(0, cell, w)
+        first = torch.zeros(len(code), dtype=s.dtype).index_add_(0, cell, w * s)
+        return torch.where(mass > 0, first / mass, code) if keep_empty else first / mass
+    expect_hint(capsys, l11.exercise_4, "lower cell", lambda *a: step(*a, ties_up=True))
+    expect_hint(capsys, l11.exercise_4, "by its weight", lambda *a: step(*a, weighted=False))
+    expect_hint(capsys, l11.exercise_4, "keeps its code", lambda *a: step(*a, keep_empty=False))
+    expect_hint(capsys, l11.exercise_4, "one new value per code", lambda c, s, w: step(c, s, w)[1:])
