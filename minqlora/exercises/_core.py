@@ -30,7 +30,8 @@ class Stop(Exception):
 
 
 def exercise(n: int):
-    """Decorator: number the check's verdicts `n`; a `Stop` inside prints its message, gives False."""
+    """Decorator: number the check's verdicts `n`; a `Stop` inside prints its message and gives
+    False."""
     def wrap(check):
         @functools.wraps(check)
         def run(*args, **kwargs):
@@ -98,6 +99,14 @@ def whole(answer, key: str = None, lowest=None, power_of_two: bool = False) -> i
     if power_of_two and (value < 1 or value & (value - 1)):
         raise Stop(f"{name} should be a power of two (1, 2, 4, 8, ...), got {value}.")
     return value
+
+
+def choice(answer: dict, key: str, options: list):
+    """answer[key] if it is one of `options` (same type too: True is not 1), else Stop."""
+    if not any(type(answer[key]) is type(o) and answer[key] == o for o in options):
+        listed = ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"
+        raise Stop(f"answer_{{n}}[{key!r}] should be {listed}, got {answer[key]!r}.")
+    return answer[key]
 
 
 def numbers(values):

@@ -7,7 +7,7 @@ False
 import torch
 
 from ..absmax import absmax_dequantize, absmax_quantize
-from ._core import (Stop, all_close, answer_dict, call, close, diagnose, exercise, number,
+from ._core import (Stop, all_close, answer_dict, call, choice, close, diagnose, exercise, number,
                     numbers, verdict, whole)
 
 
@@ -74,7 +74,8 @@ def exercise_4(answer):
     predicted = (absmax.item() / 7) / 12 ** 0.5            # step s = absmax / levels
     hints = []
     if not close(number(answer, "predicted"), predicted, rel=0.01):
-        hints.append("a uniform error on [-s/2, s/2] has variance s^2 / 12; the step s is absmax / 7")
+        hints.append("a uniform error on [-s/2, s/2] has variance s^2 / 12; the step s is "
+                     "absmax / 7")
     if not close(number(answer, "measured"), measured, rel=0.03):
         hints.append("measured: quantize torch.rand(100_000) * 2 - 1 to int4 and take "
                      "sqrt(mean((u - u_hat)^2))")
@@ -138,6 +139,7 @@ def exercise_5(quantize, dequantize):
         x_ref = absmax_dequantize(q_ref, absmax_ref, bits)
         if x_hat.shape != x.shape or not torch.allclose(x_hat.float(), x_ref, rtol=1e-5,
                                                         atol=1e-7):
-            hints += [] if any(h.startswith("dequantize") for h in hints) else ["dequantize: x_hat = q * absmax / levels (levels = 2^(bits-1) - 1), "
-                         f"wrong on {what}"]
+            if not any(h.startswith("dequantize") for h in hints):
+                hints.append("dequantize: x_hat = q * absmax / levels (levels = 2^(bits-1) - 1), "
+                             f"wrong on {what}")
     return verdict(list(dict.fromkeys(hints)))

@@ -7,8 +7,8 @@ False
 import torch
 
 from ..blockwise import dequantize_blockwise, quantize_blockwise
-from ._core import (Stop, all_close, answer_dict, call, close, exercise, number, numbers,
-                    verdict, whole)
+from ._core import (Stop, all_close, answer_dict, call, close, exercise, number, numbers, verdict,
+                    whole)
 
 SMALL = torch.tensor([-1.0, -0.5, 0.0, 0.25, 1.0])         # section 3's uneven codebook
 INT4 = torch.arange(-7, 8, dtype=torch.float32) / 7         # mq.INT4 (lesson 03 names it)

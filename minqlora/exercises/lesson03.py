@@ -9,7 +9,7 @@ import torch
 
 from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..nf4 import CODES, NF4_OFFSET, nf4_code, pack_4bit
-from ._core import Stop, answer_dict, call, exercise, no_answer, number, verdict
+from ._core import answer_dict, call, choice, exercise, no_answer, number, numbers, verdict
 
 OFFSETS = [0.90, 0.93, 0.95, 0.9677083, 0.98, 0.99]
 
@@ -19,13 +19,6 @@ def _relative_rmse(w, quant_type):
     q, absmax = quantize_blockwise(w, CODES[quant_type], blocksize=64)
     w_hat = dequantize_blockwise(q, absmax, CODES[quant_type], 64)
     return ((w - w_hat).pow(2).mean().sqrt() / w.std()).item()
-
-
-def _choice(answer, key, options):
-    if answer[key] not in options:
-        raise Stop(f"answer_{{n}}[{key!r}] should be one of {', '.join(map(repr, options))}, "
-                   f"got {answer[key]!r}.")
-    return answer[key]
 
 
 @exercise(1)
@@ -42,10 +35,12 @@ def exercise_1(answer):
     hints = []
     for dist, w in samples.items():
         winner = min(["nf4", "int4"], key=lambda qt: _relative_rmse(w, qt))
-        if str(_choice(answer, dist, ["nf4", "int4"])).lower() != winner:
-            hints.append(f"{dist}: compare RMSE / std of the two codebooks again (the smaller wins)")
-    if _choice(answer, "why", ["a", "b", "c"]) != "b":
-        hints.append("why: a codebook does well where its codes are dense where the values are dense")
+        if str(choice(answer, dist, ["nf4", "int4"])).lower() != winner:
+            hints.append(f"{dist}: compare RMSE / std of the two codebooks again (the smaller "
+                         "wins)")
+    if choice(answer, "why", ["a", "b", "c"]) != "b":
+        hints.append("why: a codebook does well where its codes are dense where the values are "
+                     "dense")
     return verdict(hints)
 
 
@@ -59,7 +54,8 @@ def _offset_sweep():
         for off in OFFSETS:
             code = nf4_code(off)
             q, absmax = quantize_blockwise(w, code, blocksize=64)
-            _sweep[off] = (w - dequantize_blockwise(q, absmax, code, 64)).pow(2).mean().sqrt().item()
+            w_hat = dequantize_blockwise(q, absmax, code, 64)
+            _sweep[off] = (w - w_hat).pow(2).mean().sqrt().item()
     return _sweep
 
 
@@ -76,9 +72,9 @@ def exercise_2(answer):
     elif sweep[best] != min(sweep.values()):
         hints.append("best_offset: measure the RMSE for every offset on the seeded weight and take "
                      "the smallest")
-    if _choice(answer, "why", ["a", "b", "c"]) != "a":
-        hints.append("why: what does NF4's construction make equal, and is that the same as a small "
-                     "squared error? What does a block of 64 map to 1?")
+    if choice(answer, "why", ["a", "b", "c"]) != "a":
+        hints.append("why: what does NF4's construction make equal, and is that the same as a "
+                     "small squared error? What does a block of 64 map to 1?")
     return verdict(hints)
 
 

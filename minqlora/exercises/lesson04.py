@@ -9,14 +9,7 @@ import torch
 from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..double_quant import DYNAMIC, double_dequantize, double_quantize
 from ..quant_state import decode_4bit, quantize_4bit
-from ._core import Stop, answer_dict, call, close, exercise, number, verdict, whole
-
-
-def _choice(answer, key, options):
-    if answer[key] not in options:
-        raise Stop(f"answer_{{n}}[{key!r}] should be {' or '.join(map(repr, options))}, "
-                   f"got {answer[key]!r}.")
-    return answer[key]
+from ._core import Stop, answer_dict, call, choice, close, exercise, number, verdict, whole
 
 
 def _section2_weight():
@@ -62,7 +55,7 @@ def exercise_2(answer):
     if not close(number(answer, "ratio"), ratio, rel=0.05):
         hints.append("ratio: the absmaxes' RMSE without the offset divided by their RMSE with it "
                      "(section 4's absmax_hat)")
-    if _choice(answer, "why", ["a", "b", "c"]) != "a":
+    if choice(answer, "why", ["a", "b", "c"]) != "a":
         hints.append("why: look at where the scaled absmaxes land in [-1, 1] without the offset, "
                      "and at the gaps of the dynamic map there (section 3)")
     return verdict(hints)
@@ -72,7 +65,7 @@ def exercise_2(answer):
 def exercise_3(answer):
     """answer = dict(rmse_256=..., rmse_64_dq=..., smaller="a" or "b")."""
     answer = answer_dict(answer, ["rmse_256", "rmse_64_dq", "smaller"])
-    _choice(answer, "smaller", ["a", "b"])
+    choice(answer, "smaller", ["a", "b"])
     w_ = _section2_weight()
     errors, hints = {}, []
     for key, blocksize, dq in [("rmse_256", 256, False), ("rmse_64_dq", 64, True)]:

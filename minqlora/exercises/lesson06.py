@@ -1,7 +1,7 @@
 """Checks for lesson 06's exercises (LoRA); the library is the answer key.
 
 >>> exercise_3(dict(trend="up", steadier="alpha/r"))
-Exercise 3: answer_3['trend'] should be one of 'grows', 'stays', 'shrinks', got 'up'.
+Exercise 3: answer_3['trend'] should be 'grows', 'stays' or 'shrinks', got 'up'.
 False
 """
 import math
@@ -10,16 +10,9 @@ import torch
 from torch import nn
 
 from ..lora import LoRALinear
-from ._core import Stop, answer_dict, call, exercise, number, verdict, whole
+from ._core import Stop, answer_dict, call, choice, exercise, number, numbers, verdict, whole
 
 RANKS = [8, 32, 128]                                  # section 4's ranks
-
-
-def _choice(answer, key, options):
-    if answer[key] not in options:
-        raise Stop(f"answer_{{n}}[{key!r}] should be one of {', '.join(map(repr, options))}, "
-                   f"got {answer[key]!r}.")
-    return answer[key]
 
 
 def _first_step_change(r, scaling, batch, trials=16, lr=1e-3):
@@ -48,7 +41,8 @@ def exercise_1(answer):
     block = sum(i * o for i, o in shapes)
     hints = []
     if whole(answer, "trainable", lowest=0) != trainable:
-        hints.append("each linear (in -> out) gets r * (in + out) adapter numbers; sum over all seven")
+        hints.append("each linear (in -> out) gets r * (in + out) adapter numbers; sum over all "
+                     "seven")
     fraction = number(answer, "fraction")
     if not 0 <= fraction <= 1:
         raise Stop(f"answer_{{n}}['fraction'] should be between 0 and 1 (not a percentage), "
@@ -72,12 +66,12 @@ def exercise_2(answer):
         (x_ @ A_.T @ B_.T - t_).pow(2).mean().backward()
         opt_.step()
     for key in ("A_moved", "B_moved"):
-        _choice(answer, key, [True, False])
+        choice(answer, key, [True, False])
     hints = []
     if (answer["A_moved"] != bool(A_.abs().max() > 0)
             or answer["B_moved"] != bool(B_.abs().max() > 0)):
         hints.append("run a few Adam steps with A = B = 0 and look at A.abs().max(), B.abs().max()")
-    if _choice(answer, "why", ["a", "b", "c"]) != "a":
+    if choice(answer, "why", ["a", "b", "c"]) != "a":
         hints.append("why: write out dL/dA and dL/dB from section 2: what does each depend on?")
     return verdict(hints)
 
@@ -86,7 +80,7 @@ def exercise_2(answer):
 def exercise_3(answer):
     """answer = dict(trend="grows", "stays" or "shrinks", steadier="alpha/r" or "alpha/sqrt(r)")."""
     answer = answer_dict(answer, ["trend", "steadier"])
-    _choice(answer, "trend", ["grows", "stays", "shrinks"])
+    choice(answer, "trend", ["grows", "stays", "shrinks"])
     if str(answer["steadier"]).replace(" ", "") not in ("alpha/r", "alpha/sqrt(r)"):
         raise Stop("answer_{n}['steadier'] should be 'alpha/r' or 'alpha/sqrt(r)', "
                    f"got {answer['steadier']!r}.")
@@ -97,8 +91,8 @@ def exercise_3(answer):
     steadier = "alpha/r" if max(by_r) / min(by_r) < max(by_sqrt) / min(by_sqrt) else "alpha/sqrt(r)"
     hints = []
     if answer["trend"] != trend:
-        hints.append("trend: run _first_step_change(r, lambda r: 16 / r, batch=64) for r in ranks and "
-                     "compare r = 8 with r = 128")
+        hints.append("trend: run first_step_change(r, lambda r: 16 / r, batch=64) for r in "
+                     "ranks and compare r = 8 with r = 128")
     if str(answer["steadier"]).replace(" ", "") != steadier:
         hints.append("steadier: compare largest / smallest over the ranks for the two scalings")
     return verdict(hints)

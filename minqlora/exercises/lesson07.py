@@ -12,14 +12,7 @@ from ..linear4bit import Linear4bit
 from ..nf4 import NF4
 from ..qlora import trainable_summary
 from ..quant_state import quantize_4bit
-from ._core import Stop, answer_dict, exercise, number, verdict, whole
-
-
-def _choice(answer, key, options):
-    if not any(type(answer[key]) is type(o) and answer[key] == o for o in options):
-        raise Stop(f"answer_{{n}}[{key!r}] should be {' or '.join(map(repr, options))}, "
-                   f"got {answer[key]!r}.")
-    return answer[key]
+from ._core import Stop, answer_dict, call, choice, exercise, number, numbers, verdict, whole
 
 
 def _section1_layers():
@@ -51,7 +44,7 @@ def exercise_1(answer):
 def exercise_2(answer):
     """answer = dict(bf16=..., fp32=..., weight=..., why="a", "b" or "c"): relative errors."""
     answer = answer_dict(answer, ["bf16", "fp32", "weight", "why"])
-    why = _choice(answer, "why", ["a", "b", "c"])
+    why = choice(answer, "why", ["a", "b", "c"])
     state = torch.get_rng_state()
     linear, layer4 = _section1_layers()
     torch.set_rng_state(state)
@@ -78,7 +71,7 @@ def exercise_2(answer):
 def exercise_3(answer):
     """answer = dict(changed=..., keeps_float32=True or False)."""
     answer = answer_dict(answer, ["changed", "keeps_float32"])
-    keeps_answer = _choice(answer, "keeps_float32", [True, False])
+    keeps_answer = choice(answer, "keeps_float32", [True, False])
     changed = int((NF4.to(torch.bfloat16).float() != NF4).sum())
     cast = Linear4bit.from_linear(nn.Linear(32, 16, bias=False)).to(torch.bfloat16)
     keeps = cast.code.dtype == cast.absmax2.dtype == cast.offset.dtype == torch.float32
@@ -159,7 +152,8 @@ def exercise_4(function):
         if not torch.allclose(x.grad, want, rtol=1e-4, atol=1e-6):
             if torch.allclose(x.grad, -want, rtol=1e-4, atol=1e-6):
                 return ["grad_x: no minus sign; y = x @ W.T, so dL/dx = grad_out @ W"]
-            return [f"grad_x = grad_out @ W, with W dequantized again in backward (wrong on {what})"]
+            return [f"grad_x = grad_out @ W, with W dequantized again in backward (wrong on "
+                    f"{what})"]
         if b is not None:
             want_b = grad_out.reshape(-1, 32).sum(0)
             if b.grad is None or not torch.allclose(b.grad, want_b, rtol=1e-4, atol=1e-5):

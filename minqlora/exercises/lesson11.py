@@ -12,21 +12,15 @@ from ..codebooks import _below, expected_mse, lloyd_max_code
 from ..compare import compare
 from ..nf4 import NF4
 from ..quant_state import quantize_4bit
-from ._core import Stop, answer_dict, call, exercise, no_answer, numbers, verdict, whole
-
-
-def _choice(answer, key, options):
-    if not any(type(answer[key]) is type(o) and answer[key] == o for o in options):
-        raise Stop(f"answer_{{n}}[{key!r}] should be {' or '.join(map(repr, options))}, "
-                   f"got {answer[key]!r}.")
-    return answer[key]
+from ._core import (Stop, answer_dict, call, choice, exercise, no_answer, number, numbers, verdict,
+                    whole)
 
 
 @exercise(1)
 def exercise_1(answer):
     """answer = dict(code=[16 sorted values], closer_at=64 or 256)."""
     answer = answer_dict(answer, ["code", "closer_at"])
-    closer_at = _choice(answer, "closer_at", [64, 256])
+    closer_at = choice(answer, "closer_at", [64, 256])
     code = numbers(answer["code"] if not isinstance(answer["code"], torch.Tensor)
                    else answer["code"].reshape(-1))
     if code is None or len(code) != 16 or any(b <= a for a, b in zip(code, code[1:])):
@@ -72,7 +66,7 @@ def exercise_3(answer):
     """answer = dict(blocksize=a power of two, lower_error="NF4+DQ" or "NVFP4")."""
     answer = answer_dict(answer, ["blocksize", "lower_error"])
     blocksize = whole(answer, "blocksize", lowest=2, power_of_two=True)
-    lower = _choice(answer, "lower_error", ["NF4+DQ", "NVFP4"])
+    lower = choice(answer, "lower_error", ["NF4+DQ", "NVFP4"])
     nf4_dq = 4 + 8 / 64 + 32 / (64 * 256)
     hints = []
     if abs(4 + 8 / blocksize - nf4_dq) >= 0.01:
