@@ -175,7 +175,7 @@ def af4_code(blocksize: int = 64) -> torch.Tensor:
 def nf4_offset() -> float:
     """NF4's offset 0.9677083 as an account, not a stated method: the last code sits half a
     bin in from probability 1, with 15 bins (non-zero codes) or 16 (all codes): the mean of
-    1 - 1/(2*15) and 1 - 1/(2*16) is 929/960 = 0.96770833, the paper's 7 digits exactly.
+    1 - 1/(2*15) and 1 - 1/(2*16) is 929/960 = 0.96770833, bitsandbytes' 7 digits exactly.
 
     >>> round(nf4_offset(), 7)
     0.9677083

@@ -10,7 +10,8 @@ puts equal probability mass: at quantiles of N(0, 1), rescaled to [-1, 1].
 Why asymmetric (8 positive, 7 negative)? 4 bits give 16 codes, and we want an exact 0 (zero
 padding, ReLU'd and pruned weights must survive the round trip), which leaves 15 non-zero
 codes. Why offset = 0.9677083, not 1? norm.ppf(1) is infinite, so the last quantile must stop
-short of 1. The paper gives only the value; to 7 digits it is the mean of the two natural
+short of 1. bitsandbytes' code holds the constant; the paper's appendix lists the 16 values it
+gives but never states it; neither explains it. To 7 digits it is the mean of the two natural
 "half a bin in from the end" choices, 1 - 1/(2*15) = 0.96667 and 1 - 1/(2*16) = 0.96875
 (for 15 and 16 bins): (0.96667 + 0.96875) / 2 = 0.9677083. That is the usual account of it.
 Worked example: the 8 positive probabilities are 0.9677, 0.9092, 0.8508, ..., 0.5585. The

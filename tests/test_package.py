@@ -3,6 +3,7 @@ or earlier lessons (a learner at lesson N can read every line of lesson N's modu
 from the module that defines it; no two public functions share a name; every module has a
 test file."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,11 +77,16 @@ def defined_and_imported(path: Path):
 
 
 def test_no_two_public_functions_share_a_name():
-    """(Each bench section's `run(quick)` is the one interface bench/__init__.py calls.)"""
+    """(Each bench section's `run(quick)` is the one interface bench/__init__.py calls; each
+    lesson's checks, exercises/lessonNN.py, are `exercise_1`, `exercise_2`, ... for the notebook's
+    `check.exercise_1(answer_1)`.)"""
     owners = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        interface = {"run"} if path.parent.name == "bench" else set()
-        for name in defined_and_imported(path)[0] - interface:
+        defined = defined_and_imported(path)[0]
+        interface = ({"run"} if path.parent.name == "bench" else
+                     {n for n in defined if re.fullmatch(r"exercise_\d+", n)}
+                     if path.parent.name == "exercises" else set())
+        for name in defined - interface:
             owners.setdefault(name, []).append(str(path.relative_to(PACKAGE)))
     shared = {name: where for name, where in owners.items() if len(where) > 1}
     assert not shared, f"public names defined in more than one module: {shared}"

@@ -1,0 +1,475 @@
+"""The lessons' exercise checks (minqlora/exercises/): each passes the reference solution, gives
+its targeted hint for each typical wrong answer, says "no answer yet" for None and "not
+implemented yet" for a stub, and never raises on a bad answer."""
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from minqlora.exercises import _core
+
+EXERCISES = Path(_core.__file__).parent
+MODULES = sorted(p.stem for p in EXERCISES.glob("lesson*.py"))
+
+
+def checks(module):
+    mod = importlib.import_module(f"minqlora.exercises.{module}")
+    return [(name, fn) for name, fn in vars(mod).items() if name.startswith("exercise_")]
+
+
+def verdict(capsys, check, *args):
+    """(returned, printed) of one check."""
+    ok = check(*args)
+    return ok, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_none_says_not_answered(module, capsys):
+    for name, check in checks(module):
+        n = len(inspect.signature(check).parameters)
+        ok, out = verdict(capsys, check, *[None] * n)
+        assert ok is False and "no answer yet" in out, (module, name, out)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_stub_says_not_implemented(module, capsys):
+    def stub(*args):
+        raise NotImplementedError
+    for name, check in checks(module):
+        params = inspect.signature(check).parameters
+        n = len(params)
+        if "answer" in params or "function" in params:     # an autograd class: tested per lesson
+            continue
+        ok, out = verdict(capsys, check, *[stub] * n)
+        assert ok is False and "not implemented yet" in out, (module, name, out)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_bad_types_give_a_verdict_not_an_exception(module, capsys):
+    for name, check in checks(module):
+        n = len(inspect.signature(check).parameters)
+        for bad in ("abc", 3, [1, 2], {"x": 1}, object()):
+            ok, out = verdict(capsys, check, *[bad] * n)
+            assert ok is False and out.startswith(f"Exercise "), (module, name, bad, out)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_only_its_own_and_earlier_lessons(module):
+    from tests.test_package import LESSON
+    lesson = int(module.removeprefix("lesson"))
+    tree = ast.parse((EXERCISES / f"{module}.py").read_text())
+    used = {node.module.split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module}
+    later = {m for m in used if LESSON[m] > lesson}
+    assert not later, f"{module} imports later lessons' {later}"
+
+
+def test_every_lesson_imports_its_checks_and_defines_none():
+    root = EXERCISES.parent.parent / "lessons"
+    for module in MODULES:
+        nb = next(root.glob(f"{module.removeprefix('lesson')}_*.ipynb")).read_text()
+        assert f"from minqlora.exercises import {module} as check" in nb, module
+        assert "def check_exercise" not in nb and "def verdict" not in nb, module
+
+
+def run(capsys, check, *args):
+    ok, out = verdict(capsys, check, *args)
+    return ok, out
+
+
+def expect_right(capsys, check, *args):
+    ok, out = verdict(capsys, check, *args)
+    assert ok is True and "right!" in out, out
+
+
+def expect_hint(capsys, check, hint, *args):
+    ok, out = verdict(capsys, check, *args)
+    assert ok is False and hint in out, out
+
+
+# ---------------------------------------------------------------- lesson 01
+from minqlora.exercises import lesson01 as l01  # noqa: E402
+
+
+def quantize01(x, bits):
+    levels = 2 ** (bits - 1) - 1
+    absmax = x.abs().max()
+    return torch.round(torch.where(absmax > 0, x / absmax, torch.zeros_like(x)) * levels), absmax
+
+
+def dequantize01(q, absmax, bits):
+    return q * (absmax / (2 ** (bits - 1) - 1))
+
+
+def test_lesson01(capsys):
+    expect_right(capsys, l01.exercise_1, dict(absmax=1.2, q=[2, -7, 4, 0],
+                                              x_hat=[0.3429, -1.2, 0.6857, 0.0]))
+    expect_hint(capsys, l01.exercise_1, "q = round(x / absmax * 7)",
+                dict(absmax=1.2, q=[1, -7, 4, 0], x_hat=[0.3429, -1.2, 0.6857, 0.0]))
+    expect_hint(capsys, l01.exercise_1, "largest magnitude",
+                dict(absmax=0.75, q=[2, -7, 4, 0], x_hat=[0.3429, -1.2, 0.6857, 0.0]))
+    expect_right(capsys, l01.exercise_2, dict(lowest=-3, highest=2, count=6))
+    expect_hint(capsys, l01.exercise_2, "count the distinct", dict(lowest=-3, highest=2, count=7))
+    expect_hint(capsys, l01.exercise_2, "whole number", dict(lowest=-3, highest=2, count=6.5))
+    expect_right(capsys, l01.exercise_3, dict(choice="b", worst_int8=0.003937,
+                                              worst_int4=0.071429))
+    expect_hint(capsys, l01.exercise_3, "nearer of its two", dict(choice="a", worst_int8=0.003937,
+                                                                  worst_int4=0.071429))
+    expect_hint(capsys, l01.exercise_3, "one of 'a'", dict(choice="e", worst_int8=0.003937,
+                                                           worst_int4=0.071429))
+    expect_hint(capsys, l01.exercise_3, "worst_int4", dict(choice="b", worst_int8=0.003937,
+                                                           worst_int4=0.08))
+    expect_right(capsys, l01.exercise_4, dict(predicted=0.04124, measured=0.04124))
+    expect_hint(capsys, l01.exercise_4, "s^2 / 12", dict(predicted=0.0825, measured=0.04124))
+
+
+def test_lesson01_implement(capsys):
+    expect_right(capsys, l01.exercise_5, quantize01, dequantize01)
+    levels = lambda b: 2 ** (b - 1) - 1                             # noqa: E731
+    wrong = {
+        "q must be whole numbers": lambda x, b: (torch.nan_to_num(x / x.abs().max() * levels(b)),
+                                                 x.abs().max()),
+        "not down or towards zero": lambda x, b: (torch.nan_to_num(torch.trunc(
+            x / x.abs().max() * levels(b))), x.abs().max()),
+        "not 2^bits - 1": lambda x, b: (torch.nan_to_num(torch.round(
+            x / x.abs().max() * (2 ** b - 1))), x.abs().max()),
+        "not the largest value max x": lambda x, b: (torch.nan_to_num(torch.round(
+            x / x.max() * levels(b))), x.max()),
+        "absmax 0": lambda x, b: (torch.round(x / x.abs().max() * levels(b)), x.abs().max()),
+        "return a pair": lambda x, b: torch.round(x),
+    }
+    for hint, fn in wrong.items():
+        expect_hint(capsys, l01.exercise_5, hint.replace("return a pair", "return a pair (q"),
+                    fn, dequantize01)
+    expect_hint(capsys, l01.exercise_5, "dequantize: x_hat", quantize01,
+                lambda q, a, b: q * a / 2 ** (b - 1))
+    expect_hint(capsys, l01.exercise_5, "raised ZeroDivisionError", quantize01,
+                lambda q, a, b: 1 / 0)
+
+
+# ---------------------------------------------------------------- lesson 02
+from minqlora.exercises import lesson02 as l02  # noqa: E402
+
+
+def quantize02(x, code, blocksize, ties_up=False, tiny=1e-38, pad=True):
+    flat = x.reshape(-1).float()
+    extra = -flat.numel() % blocksize if pad else 0
+    blocks = torch.cat([flat, flat.new_zeros(extra)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=tiny))[:, None]).clamp(-1, 1)
+    mid = (code[:-1] + code[1:]) / 2
+    q = ((scaled[..., None] >= mid) if ties_up else (scaled[..., None] > mid)).sum(dim=-1)
+    return q.reshape(-1)[: x.numel()].reshape(x.shape), absmax
+
+
+def dequantize02(q, absmax, code, blocksize):
+    values = code[q.reshape(-1).long()]
+    blocks = torch.cat([values, values.new_zeros(-values.numel() % blocksize)]).view(-1, blocksize)
+    return (blocks * absmax[:, None]).reshape(-1)[: q.numel()].reshape(q.shape)
+
+
+def test_lesson02(capsys):
+    right1 = dict(absmax=[0.6, 2.0], q=[3, 0, 3, 2, 4, 1, 3, 3],
+                  x_hat=[0.15, -0.6, 0.15, 0.0, 2.0, -1.0, 0.5, 0.5])
+    expect_right(capsys, l02.exercise_1, right1)
+    expect_hint(capsys, l02.exercise_1, "a tie goes to the lower index",
+                dict(right1, q=[3, 0, 3, 2, 4, 2, 3, 3]))
+    expect_right(capsys, l02.exercise_2, dict(bits=4.5, blocksize=512, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "try the powers of two",
+                dict(bits=4.5, blocksize=256, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "power of two", dict(bits=4.5, blocksize=320, mb=437.5))
+    expect_hint(capsys, l02.exercise_2, "whole number", dict(bits=4.5, blocksize=512.5, mb=437.5))
+    m = ((l02.INT4[7] + l02.INT4[8]) / 2).item()
+    expect_right(capsys, l02.exercise_3, dict(midpoint=m, at_midpoint=7, just_above=8))
+    expect_hint(capsys, l02.exercise_3, "which way a tie goes",
+                dict(midpoint=m, at_midpoint=8, just_above=8))
+    expect_right(capsys, l02.exercise_4, dict(changed=52, blocks=[15]))
+    expect_hint(capsys, l02.exercise_4, "not every value", dict(changed=64, blocks=[15]))
+    expect_hint(capsys, l02.exercise_5, "should be 'a', 'b' or 'c'",
+                dict(plain=1.47, outliers=3.59, why="d"))
+    expect_hint(capsys, l02.exercise_5, "why: compare", dict(plain=1.47, outliers=3.59, why="a"))
+
+
+def test_lesson02_implement(capsys):
+    expect_right(capsys, l02.exercise_6, quantize02, dequantize02)
+    expect_hint(capsys, l02.exercise_6, "strictly below",
+                lambda *a: quantize02(*a, ties_up=True), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "all-zero block",
+                lambda *a: quantize02(*a, tiny=0.0), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "own absmax",
+                lambda x, c, b: (quantize02(x, c, b)[0], x.abs().max()), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "uneven codebook",
+                lambda x, c, b: quantize02(x, l02.INT4, b), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "raised RuntimeError",
+                lambda *a: quantize02(*a, pad=False), dequantize02)
+    expect_hint(capsys, l02.exercise_6, "dequantize: x_hat", quantize02,
+                lambda q, a, c, b: c[q.long()])
+
+
+# ---------------------------------------------------------------- lesson 03
+from minqlora.exercises import lesson03 as l03  # noqa: E402
+
+
+def nf4_03(offset, npos=9, nneg=8, normalise=True, zero=True, sort=True):
+    from scipy.stats import norm
+    pos = norm.ppf(torch.linspace(offset, 0.5, npos)[:-1].double().numpy()).tolist()
+    neg = (-norm.ppf(torch.linspace(offset, 0.5, nneg)[:-1].double().numpy())).tolist()
+    v = torch.tensor(pos + ([0.0] if zero else []) + neg)
+    v = v.sort().values if sort else v
+    return v / v.max() if normalise else v
+
+
+def test_lesson03(capsys):
+    right1 = dict(normal="nf4", laplace="nf4", uniform="int4", why="b")
+    expect_right(capsys, l03.exercise_1, right1)
+    expect_hint(capsys, l03.exercise_1, "uniform: compare", dict(right1, uniform="nf4"))
+    expect_hint(capsys, l03.exercise_1, "dense where", dict(right1, why="a"))
+    expect_hint(capsys, l03.exercise_1, "should be 'a', 'b' or 'c'", dict(right1, why="d"))
+    sweep = l03._offset_sweep()
+    best = min(sweep, key=sweep.get)
+    expect_right(capsys, l03.exercise_2, dict(best_offset=best, why="a"))
+    expect_hint(capsys, l03.exercise_2, "one of the six", dict(best_offset=0.5, why="a"))
+    expect_hint(capsys, l03.exercise_2, "take the smallest", dict(best_offset=0.99, why="a"))
+    expect_right(capsys, l03.exercise_3, [0xF0, 0x70])
+    expect_hint(capsys, l03.exercise_3, "HIGH nibble", [0x0F, 0x70])
+    expect_hint(capsys, l03.exercise_3, "padding", [0xF0, 0x07])
+    expect_hint(capsys, l03.exercise_3, "0 to 255", [0xF00, 0x70])
+
+
+def test_lesson03_implement(capsys):
+    expect_right(capsys, l03.exercise_4, nf4_03)
+    for hint, fn in {"sort the 16": lambda o: nf4_03(o, sort=False),
+                     "divide by the largest": lambda o: nf4_03(o, normalise=False),
+                     "one exact 0": lambda o: torch.cat([nf4_03(o, zero=False)[:7],
+                                                         torch.tensor([1e-3]),
+                                                         nf4_03(o, zero=False)[7:]]),
+                     "8 positive values": lambda o: nf4_03(o, npos=8, nneg=9),
+                     "offset argument": lambda o: nf4_03(0.9677083),
+                     "infinite": lambda o: nf4_03(1.0),
+                     "yours has 15": lambda o: nf4_03(o)[:15]}.items():
+        expect_hint(capsys, l03.exercise_4, hint, fn)
+
+
+# ---------------------------------------------------------------- lesson 04
+from minqlora.exercises import lesson04 as l04  # noqa: E402
+
+
+def dq04(absmax, offset=True, blocksize=256):
+    off = absmax.mean() if offset else torch.tensor(0.0)
+    q, a2 = l04.quantize_blockwise(absmax - off, l04.DYNAMIC, blocksize)
+    return q, a2, off
+
+
+def dd04(q, a2, off):
+    return l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256) + off
+
+
+def test_lesson04(capsys):
+    right1 = dict(b128=4.25, b128_dq=4.0635, b32=5.0, b32_dq=4.2539)
+    expect_right(capsys, l04.exercise_1, right1)
+    expect_hint(capsys, l04.exercise_1, "b32_dq: 4 bits", dict(right1, b32_dq=4.127))
+    expect_hint(capsys, l04.exercise_2, "whole number", dict(used=3.5, ratio=1, why="a"))
+    expect_hint(capsys, l04.exercise_2, "why: look", dict(used=3, ratio=1, why="b"))
+    expect_hint(capsys, l04.exercise_3, "'a' or 'b'", dict(rmse_256=1, rmse_64_dq=1, smaller="c"))
+    expect_hint(capsys, l04.exercise_3, "rmse_256: quantize",
+                dict(rmse_256=1, rmse_64_dq=1, smaller="b"))
+
+
+def test_lesson04_implement(capsys):
+    expect_right(capsys, l04.exercise_4, dq04, dd04)
+    expect_hint(capsys, l04.exercise_4, "subtract the offset first",
+                lambda a: dq04(a, offset=False), dd04)
+    expect_hint(capsys, l04.exercise_4, "not absmax itself",
+                lambda a: dq04(a, offset=False)[:2] + (a.mean(),), dd04)
+    expect_hint(capsys, l04.exercise_4, "one per block of 256",
+                lambda a: dq04(a, blocksize=64), dd04)
+    expect_hint(capsys, l04.exercise_4, "add the offset back", dq04,
+                lambda q, a2, off: l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256))
+
+
+# ---------------------------------------------------------------- lesson 06
+from minqlora.exercises import lesson06 as l06  # noqa: E402
+
+
+def forward06(x, W, b, A, B, alpha, r):
+    y = x @ W.T + (alpha / r) * (x @ A.T) @ B.T
+    return y if b is None else y + b
+
+
+def merge06(W, A, B, alpha, r):
+    return W + (alpha / r) * B @ A
+
+
+def test_lesson06(capsys):
+    fraction = 4_997_120 / 202_113_024
+    expect_right(capsys, l06.exercise_1, dict(trainable=4_997_120, fraction=fraction))
+    expect_hint(capsys, l06.exercise_1, "not a percentage", dict(trainable=4_997_120,
+                                                                 fraction=2.47))
+    expect_hint(capsys, l06.exercise_1, "r * (in + out)", dict(trainable=4_997_121,
+                                                               fraction=fraction))
+    expect_right(capsys, l06.exercise_2, dict(A_moved=False, B_moved=False, why="a"))
+    expect_hint(capsys, l06.exercise_2, "Adam steps", dict(A_moved=True, B_moved=False, why="a"))
+    expect_hint(capsys, l06.exercise_2, "should be True or False", dict(A_moved="no", B_moved=False,
+                                                                 why="a"))
+    expect_hint(capsys, l06.exercise_3, "'stays' or 'shrinks'", dict(trend="up", steadier="alpha/r"))
+
+
+def test_lesson06_implement(capsys):
+    expect_right(capsys, l06.exercise_4, forward06, merge06)
+    expect_hint(capsys, l06.exercise_4, "by alpha / r",
+                lambda x, W, b, A, B, al, r: forward06(x, W, b, A, B, r, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "not r / alpha",
+                lambda x, W, b, A, B, al, r: forward06(x, W, b, A, B, r * r / al, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "add the base's bias",
+                lambda x, W, b, A, B, al, r: forward06(x, W, None, A, B, al, r), merge06)
+    expect_hint(capsys, l06.exercise_4, "scale B @ A", forward06, lambda W, A, B, al, r: W + B @ A)
+    expect_hint(capsys, l06.exercise_4, "raised RuntimeError", forward06,
+                lambda W, A, B, al, r: W + A.T @ B.T)
+
+
+# ---------------------------------------------------------------- lesson 07
+from minqlora.exercises import lesson07 as l07  # noqa: E402
+
+
+def function07(backward, save_weight=False):
+    from minqlora import dequantize_4bit
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bias, packed, state):
+            ctx.state, ctx.has_bias = state, bias is not None
+            W = dequantize_4bit(packed, state, dtype=x.dtype)
+            ctx.save_for_backward(packed, W) if save_weight else ctx.save_for_backward(packed)
+            return torch.nn.functional.linear(x, W, bias)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            W = dequantize_4bit(ctx.saved_tensors[0], ctx.state, dtype=grad_out.dtype)
+            return backward(ctx, grad_out, W)
+    return Function
+
+
+def right07(ctx, g, W):
+    return g @ W, g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None, None, None
+
+
+def test_lesson07(capsys):
+    expect_right(capsys, l07.exercise_1, dict(fp4_128=4.25, nf4_128_dq=4.0635))
+    expect_hint(capsys, l07.exercise_1, "an 8-bit absmax per block",
+                dict(fp4_128=4.25, nf4_128_dq=4.125))
+    expect_hint(capsys, l07.exercise_2, "should be 'a', 'b' or 'c'",
+                dict(bf16=1e-3, fp32=0, weight=0.1, why="d"))
+    expect_hint(capsys, l07.exercise_2, "which error dominates",
+                dict(bf16=1e-3, fp32=0, weight=0.1, why="a"))
+    expect_right(capsys, l07.exercise_3, dict(changed=13, keeps_float32=True))
+    expect_hint(capsys, l07.exercise_3, "True or False", dict(changed=13, keeps_float32=1))
+    expect_hint(capsys, l07.exercise_3, "round mq.NF4", dict(changed=16, keeps_float32=True))
+
+
+def test_lesson07_implement(capsys):
+    expect_right(capsys, l07.exercise_4, function07(right07))
+
+    def stub(ctx, g, W):
+        raise NotImplementedError
+    expect_hint(capsys, l07.exercise_4, "not implemented yet", function07(stub))
+    expect_hint(capsys, l07.exercise_4, "one gradient per input",
+                function07(lambda ctx, g, W: (g @ W, None)))
+    expect_hint(capsys, l07.exercise_4, "so no transpose",
+                function07(lambda ctx, g, W: (g @ W.T, None, None, None)))
+    expect_hint(capsys, l07.exercise_4, "no minus sign",
+                function07(lambda ctx, g, W: (-right07(ctx, g, W)[0],) + right07(ctx, g, W)[1:]))
+    expect_hint(capsys, l07.exercise_4, "grad_bias: grad_out summed",
+                function07(lambda ctx, g, W: (g @ W, None, None, None)))
+    expect_hint(capsys, l07.exercise_4, "never keep the float W",
+                function07(right07, save_weight=True))
+    expect_hint(capsys, l07.exercise_4, "Function class itself", 3)
+
+
+# ---------------------------------------------------------------- lesson 08
+from minqlora.exercises import lesson08 as l08  # noqa: E402
+
+
+def adamw08(p, g, m, v, t, lr, b1, b2, eps, wd):
+    return l08._adamw(p, g, m, v, t, lr, b1, b2, eps, wd)
+
+
+def lru08(resident, accesses, capacity):
+    order, out = list(resident), []
+    for pid in accesses:
+        if pid in order:
+            order.remove(pid)
+        elif len(order) >= capacity:
+            out.append(order.pop(0))
+        order.append(pid)
+    return out
+
+
+def test_lesson08(capsys):
+    expect_right(capsys, l08.exercise_1, 64 * 2**20)
+    expect_hint(capsys, l08.exercise_1, "two LoRA pairs", 32 * 2**20)
+    expect_right(capsys, l08.exercise_2, 512)
+    expect_hint(capsys, l08.exercise_2, "too small", 511)
+    expect_hint(capsys, l08.exercise_2, "a smaller budget still steps", 8000)
+    expect_hint(capsys, l08.exercise_2, "whole number", 511.5)
+    expect_right(capsys, l08.exercise_3, dict(page_ins=32, why="a"))
+    expect_hint(capsys, l08.exercise_3, "page_ins: step", dict(page_ins=16, why="a"))
+    expect_hint(capsys, l08.exercise_3, "should be 'a', 'b' or 'c'",
+                dict(page_ins=32, why="lru"))
+    expect_right(capsys, l08.exercise_4, dict(small=0.1, large=0.1, why="a"))
+    expect_hint(capsys, l08.exercise_4, "small: start", dict(small=1e-4, large=0.1, why="a"))
+
+
+def test_lesson08_implement(capsys):
+    expect_right(capsys, l08.exercise_5, adamw08)
+    for mistake, hint in l08.MISTAKES.items():
+        expect_hint(capsys, l08.exercise_5, hint,
+                    lambda *a, mistake=mistake: l08._adamw(*a, mistake=mistake))
+    expect_hint(capsys, l08.exercise_5, "return (param, m, v)", lambda *a: adamw08(*a)[0])
+    expect_right(capsys, l08.exercise_6, lru08)
+    assert lru08([0, 1, 2], [0, 3, 4], 3) == l08._pager_evictions(3, [0, 1, 2], [0, 3, 4])
+    expect_hint(capsys, l08.exercise_6, "not first-in first-out", l08._fifo)
+    expect_hint(capsys, l08.exercise_6, "least recently used page (the front",
+                lambda r, a, c: lru08(r, a, c)[::-1])
+    expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)
+
+
+# ---------------------------------------------------------------- lesson 11
+from minqlora.exercises import lesson11 as l11  # noqa: E402
+
+
+def test_lesson11(capsys):
+    from minqlora import lloyd_max_code
+    expect_right(capsys, l11.exercise_1, dict(code=lloyd_max_code(256), closer_at=256))
+    expect_hint(capsys, l11.exercise_1, "limit for blocks of 64",
+                dict(code=lloyd_max_code(64), closer_at=256))
+    expect_hint(capsys, l11.exercise_1, "closer_at: compare",
+                dict(code=lloyd_max_code(256), closer_at=64))
+    expect_hint(capsys, l11.exercise_1, "sorted", dict(code=list(range(16))[::-1], closer_at=64))
+    expect_hint(capsys, l11.exercise_1, "64 or 256", dict(code=lloyd_max_code(256), closer_at="64"))
+    expect_right(capsys, l11.exercise_2, torch.rand(1024, 1024) * 2 - 1)
+    expect_hint(capsys, l11.exercise_2, "pile up near 0", torch.randn(1024, 1024))
+    expect_hint(capsys, l11.exercise_2, "floating-point tensor", [1.0, 2.0])
+    expect_right(capsys, l11.exercise_3, dict(blocksize=64, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "whole number", dict(blocksize=63.02, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "power of two", dict(blocksize=63, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "solve 8 / B", dict(blocksize=16, lower_error="NF4+DQ"))
+    expect_hint(capsys, l11.exercise_3, "lower_error: compare",
+                dict(blocksize=64, lower_error="NVFP4"))
+
+
+def test_lesson11_implement(capsys):
+    expect_right(capsys, l11.exercise_4, l11._lloyd_step)
+
+    def step(code, s, w, ties_up=False, weighted=True, keep_empty=True):
+        cell = torch.bucketize(s, (code[:-1] + code[1:]) / 2, right=ties_up)
+        w = w if weighted else torch.ones_like(w)
+        mass = torch.zeros(len(code), dtype=s.dtype).index_add_(0, cell, w)
+        first = torch.zeros(len(code), dtype=s.dtype).index_add_(0, cell, w * s)
+        return torch.where(mass > 0, first / mass, code) if keep_empty else first / mass
+    expect_hint(capsys, l11.exercise_4, "lower cell", lambda *a: step(*a, ties_up=True))
+    expect_hint(capsys, l11.exercise_4, "by its weight", lambda *a: step(*a, weighted=False))
+    expect_hint(capsys, l11.exercise_4, "keeps its code", lambda *a: step(*a, keep_empty=False))
+    expect_hint(capsys, l11.exercise_4, "one new value per code", lambda c, s, w: step(c, s, w)[1:])
