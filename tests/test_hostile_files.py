@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from minqlora import adapter
+from minqlora import adapter, files
 from minqlora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
 from minqlora.checkpoint import load_4bit, save_4bit
 from minqlora.lora import LoRALinear
@@ -101,7 +101,7 @@ def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
         if CONFIG in os.fspath(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(adapter, "open", full_disk, raising=False)
+    monkeypatch.setattr(files, "open", full_disk, raising=False)   # files.text_writer
     with pytest.raises(OSError, match="No space"):
         save_adapter(prepared(r=8, seed=2), tmp_path)
     monkeypatch.undo()
