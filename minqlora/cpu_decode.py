@@ -26,15 +26,19 @@ Like torch's own operations, the OpenMP pool does not survive os.fork: a forked 
 on one thread (torch.set_num_threads(1), as DataLoader's workers set it).
 """
 import ctypes
+import os
 
 import torch
 
 from .build import build_library
-from .launch import kernel_args, kernel_source
+from .launch import KERNELS, kernel_args, kernel_source
 
-SOURCES = ("dequant_cpu.cpp", "round16.h")
+SOURCES = ("dequant_cpu.cpp", "dequant_x86.h", "round16.h")
+PATHS = ("scalar", "avx2", "avx512")   # bit k of the library's cpu_paths(): path k runs here
 OPENMP = (("-fopenmp", "openmp|omp"),)  # optional: dropped when the compiler's error names it
                                         # (-fopenmp refused, libomp or libgomp not found)
+_SOURCE_PATHS = [str(KERNELS / name) for name in SOURCES]
+_LOADED = {}                                   # see _decoder
 MIN_WEIGHTS = {True: 1 << 18, False: 1 << 22}  # per CPU thread at least, OpenMP or std::thread
 
 
@@ -46,7 +50,25 @@ def build_decoder() -> ctypes.CDLL:
                          "dequant_cpu", OPENMP)
 
 
-def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = None) -> None:
+def cpu_paths() -> list:
+    """The paths this CPU runs, slowest first: ["scalar"] (ARM, x86 without AVX2), then "avx2"
+    (with F16C), then "avx512" (F and BW); the last one is the default of decode_cpp."""
+    return _decoder()[1]
+
+
+def _decoder() -> tuple:
+    """(build_decoder(), its cpu_paths()), once per $CXX and version of the sources: a decode
+    costs microseconds, build_library's look-up (paths, texts) tens of them."""
+    key = (os.environ.get("CXX"), *(os.stat(p).st_mtime_ns for p in _SOURCE_PATHS))
+    if key not in _LOADED:
+        lib = build_decoder()
+        mask = lib.cpu_paths()
+        _LOADED[key] = lib, [name for k, name in enumerate(PATHS) if mask >> k & 1]
+    return _LOADED[key]
+
+
+def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = None,
+               path: str = None) -> None:
     """Decode packed + state into `out` ((n,) float32 / bfloat16 / float16 on the CPU) on
     n_workers threads (default: torch's thread count, each with MIN_WEIGHTS weights at least).
 
@@ -56,11 +78,13 @@ def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = 
     out = [out16[0], out16[15], out16[7]] = [-2.0, 2.0, 0.0].
     """
     name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
-    lib = build_decoder()
+    lib, paths = _decoder()
+    if path not in (None, *paths):
+        raise ValueError(f"decode_cpp: path {path!r} does not run on this CPU; it runs {paths}")
     if not n_workers:
         per_thread = MIN_WEIGHTS[bool(lib.uses_openmp())]
         n_workers = min(torch.get_num_threads(), max(1, n // per_thread))
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(lib, name.replace("dequant_", "decode_"))
-    run(ctypes.c_int(n_workers), *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs),
+    run(ctypes.c_int(n_workers), ctypes.c_int(PATHS.index(path or paths[-1])), *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs),
         ctypes.c_int(log2_bs2))
