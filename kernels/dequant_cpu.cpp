@@ -84,7 +84,9 @@ static void decode_blocks(const Args& a, long long first_block, long long last_b
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// -DMINQLORA_SCALAR_ONLY builds what ARM builds (tests/test_cpu_decode.py does, on x86)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(MINQLORA_SCALAR_ONLY)
 #define X86_SIMD 1
 #include "dequant_x86.h"                              // the lookup with AVX2 / AVX-512
 #else

@@ -4,6 +4,7 @@ output dtype and thread count, on every path this CPU runs (the scalar loop, for
 SIMD lookups of dequant_x86.h: AVX2, AVX-512), with OpenMP or with the std::thread fallback."""
 import os
 import platform
+import shlex
 import stat
 import sys
 import time
@@ -126,6 +127,18 @@ def test_nan_and_infinite_absmax_give_the_scalar_loops_bits():
             assert torch.equal(bits(out), bits(outs["scalar"])), (path, dtype)
         want = decode_4bit(packed, state, dtype)
         assert torch.equal(bits(outs["scalar"])[finite], bits(want)[finite])
+
+
+def test_built_without_simd_it_runs_the_scalar_loop(tmp_path, monkeypatch):
+    """What ARM builds (no x86 SIMD compiled in; here -DMINQLORA_SCALAR_ONLY): cpu_paths() is
+    ["scalar"] alone, and it gives the definition's bits."""
+    monkeypatch.setenv("CXX", f"{shlex.quote(build.compiler()[0])} -DMINQLORA_SCALAR_ONLY")
+    monkeypatch.setenv("MINQLORA_CACHE", str(tmp_path / "cache"))
+    assert cpu_decode.cpu_paths() == ["scalar"]
+    packed, state = quantize_4bit(gaussian((100, 33), seed=6), 32)
+    out = torch.empty(3300, dtype=torch.bfloat16)
+    cpu_decode.decode_cpp(packed, state, out)
+    assert torch.equal(bits(out), bits(decode_4bit(packed, state, torch.bfloat16)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a shell-script compiler")
