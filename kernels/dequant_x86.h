@@ -24,14 +24,18 @@
 #define AVX2 __attribute__((target("avx2,f16c")))
 #define AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw")))
 
-// Which paths this CPU runs: bit 0 the scalar loop, bit 1 AVX2 (+ F16C), bit 2 AVX-512 (F, BW).
-// __builtin_cpu_supports also asks the OS whether it saves the wide registers.
+// Which paths this CPU runs: bit 0 the scalar loop, bit 1 AVX2 (+ F16C), bit 2 AVX-512 (F, BW),
+// asked of the CPU itself (cpuid) and of the OS (xgetbv: it saves the wide registers), with no
+// help from a compiler's runtime library.
 static int x86_paths() {
-    unsigned int eax, ebx, ecx, edx;
-    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
-    __builtin_cpu_init();
-    if (!f16c || !__builtin_cpu_supports("avx2")) return 1;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 7 : 3;
+    unsigned int a, b, c, d, xcr0, xcr0_high;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX) ||
+        !(c & bit_F16C) || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & bit_AVX2))
+        return 1;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0 & 0x6) != 0x6) return 1;                         // XMM and YMM state saved
+    const bool avx512 = (b & bit_AVX512F) && (b & bit_AVX512BW) && (xcr0 & 0xE0) == 0xE0;
+    return avx512 ? 7 : 3;                                     // + opmask, ZMM state saved
 }
 
 // 16 packed bytes -> their 32 nibbles in weight order (the high nibble first), one per byte.
