@@ -18,6 +18,11 @@
 // byte 0x0F decodes to (out16[0], out16[15]) = (-2.0, 2.0). Below 32 weights a block has
 // fewer weights than a table has entries: those blocksizes multiply weight by weight.
 //
+// decode_blocks below is the readable reference: one lookup per weight, in C++ any CPU builds.
+// On x86 the same table is looked up 16 or 32 weights per instruction (dequant_x86.h: AVX2,
+// AVX-512), the path picked at run time from what the CPU reports (cpu_paths), or forced by
+// the caller (`path`, to test each); ARM and other CPUs build and run the scalar loop alone.
+//
 // The blocks are split over n_workers CPU threads, each writing its own part of out. Built with
 // -fopenmp, the threads are OpenMP's: the pool torch's own operations run on, already awake
 // (the loader gives this library the libgomp torch loaded), so nothing is started per call and
@@ -79,21 +84,40 @@ static void decode_blocks(const Args& a, long long first_block, long long last_b
     }
 }
 
+// -DMINQLORA_SCALAR_ONLY builds what ARM builds (tests/test_cpu_decode.py does, on x86)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(MINQLORA_SCALAR_ONLY)
+#define X86_SIMD 1
+#include "dequant_x86.h"                              // the lookup with AVX2 / AVX-512
+#else
+static int x86_paths() { return 1; }                  // ARM and others: the scalar loop
+#endif
+
+// The paths this library can run on this CPU: bit 0 scalar, bit 1 AVX2, bit 2 AVX-512.
+extern "C" int cpu_paths() {
+    static const int paths = x86_paths();
+    return paths;
+}
+
 template <class Out, bool NESTED>
-static void decode(int n_workers, const Args& a) {
+static void decode(int n_workers, int path, const Args& a) {
+    void (*blocks)(const Args&, long long, long long) = decode_blocks<Out, NESTED>;  // path 0
+#ifdef X86_SIMD
+    if (path == 2 && (cpu_paths() & 4)) blocks = decode_blocks_avx512<Out, NESTED>;
+    if (path == 1 && (cpu_paths() & 2)) blocks = decode_blocks_avx2<Out, NESTED>;
+#endif
     const long long n_blocks = a.n ? ((a.n - 1) >> a.log2_blocksize) + 1 : 0;
     if (n_workers < 1) n_workers = 1;
     if (n_workers > n_blocks) n_workers = (int)(n_blocks > 0 ? n_blocks : 1);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_workers) schedule(static, 1)
     for (int w = 0; w < n_workers; ++w)
-        decode_blocks<Out, NESTED>(a, n_blocks * w / n_workers, n_blocks * (w + 1) / n_workers);
+        blocks(a, n_blocks * w / n_workers, n_blocks * (w + 1) / n_workers);
 #else
     std::vector<std::thread> workers;                 // workers 1..: new threads; 0: this one
     for (int w = 1; w < n_workers; ++w)
-        workers.emplace_back(decode_blocks<Out, NESTED>, a, n_blocks * w / n_workers,
-                             n_blocks * (w + 1) / n_workers);
-    decode_blocks<Out, NESTED>(a, 0, n_blocks / n_workers);
+        workers.emplace_back(blocks, a, n_blocks * w / n_workers, n_blocks * (w + 1) / n_workers);
+    blocks(a, 0, n_blocks / n_workers);
     for (auto& t : workers) t.join();
 #endif
 }
@@ -108,13 +132,14 @@ extern "C" int uses_openmp() {                        // which of the two splits
 
 // The six entry points, named and ordered like the kernels' parameters (launch.kernel_args).
 #define EXPORT(suffix, Out, NESTED)                                                             \
-    extern "C" void decode_4bit_##suffix(int n_workers, const unsigned char* packed,            \
+    extern "C" void decode_4bit_##suffix(int n_workers, int path, const unsigned char* packed,  \
                                          const float* code, const float* absmax,                \
                                          const unsigned char* qabsmax, const float* code2,      \
                                          const float* absmax2, const float* offset, void* out,  \
                                          long long n, int log2_blocksize, int log2_blocksize2) { \
-        decode<Out, NESTED>(n_workers, Args{packed, code, absmax, qabsmax, code2, absmax2,       \
-                                            offset, out, n, log2_blocksize, log2_blocksize2});  \
+        decode<Out, NESTED>(n_workers, path, Args{packed, code, absmax, qabsmax, code2,         \
+                                                  absmax2, offset, out, n, log2_blocksize,      \
+                                                  log2_blocksize2});                            \
     }
 
 EXPORT(f32, F32, false)

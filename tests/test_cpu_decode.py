@@ -1,7 +1,10 @@
 """cpu_decode.py: backend "cpp", the 4-bit format decoded by a loop written for the CPU
 (kernels/dequant_cpu.cpp): the bits of lesson 04's definition on every shape, blocksize, code,
-output dtype and thread count, with OpenMP or with the std::thread fallback."""
+output dtype and thread count, on every path this CPU runs (the scalar loop, forced, and the
+SIMD lookups of dequant_x86.h: AVX2, AVX-512), with OpenMP or with the std::thread fallback."""
 import os
+import platform
+import shlex
 import stat
 import sys
 import time
@@ -21,6 +24,39 @@ pytestmark = pytest.mark.usefixtures("decoder")
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def decode_each_path(packed, state, dtype, n_workers=None) -> dict:
+    """{path: the output} of decode_cpp on every path this CPU runs, "scalar" first."""
+    outs = {}
+    for path in cpu_decode.cpu_paths():
+        outs[path] = torch.empty(state.shape.numel(), dtype=dtype)
+        cpu_decode.decode_cpp(packed, state, outs[path], n_workers, path)
+    return outs
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+def test_the_paths_are_what_the_cpu_reports():
+    """"scalar" everywhere; "avx2" where the CPU has AVX2 and F16C, "avx512" where it also has
+    AVX-512 F and BW (Linux x86: /proc/cpuinfo says); a path the CPU lacks is refused."""
+    paths, flags = cpu_decode.cpu_paths(), cpu_flags()
+    assert paths[0] == "scalar" and set(paths) <= set(cpu_decode.PATHS)
+    if platform.machine() in ("x86_64", "AMD64") and flags:
+        assert ("avx2" in paths) == ({"avx2", "f16c"} <= flags)
+        assert ("avx512" in paths) == ({"avx2", "f16c", "avx512f", "avx512bw"} <= flags)
+    elif flags:
+        assert paths == ["scalar"]
+    packed, state = quantize_4bit(torch.randn(64))
+    with pytest.raises(ValueError, match=r"path 'neon' does not run on this CPU; it runs \["):
+        cpu_decode.decode_cpp(packed, state, torch.empty(64), path="neon")
+
+
 def test_worked_example():
     """The module's example: bytes [0x0F, 0x77], absmax 2.0 -> out16[0], out16[15], out16[7]."""
     packed, state = quantize_4bit(torch.tensor([-2.0, 2.0, 0.0]), double_quant=False)
@@ -30,23 +66,24 @@ def test_worked_example():
     assert out.tolist() == [-2.0, 2.0, 0.0]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(n=st.integers(0, 3000), log2_bs=st.integers(1, 12), nested=st.booleans(),
        quant_type=st.sampled_from(list(CODES)), dtype=st.sampled_from(OUT_DTYPES),
        n_workers=st.integers(1, 5))
 def test_bit_identical_to_the_definition(n, log2_bs, nested, quant_type, dtype, n_workers):
-    """Odd counts (a last lone high nibble), partial last blocks, blocksizes 2..4096 (below 32:
-    weight by weight, from 32: the 16-value table), every code, more workers than blocks."""
+    """Every path: odd counts (a last lone high nibble), partial last blocks and tails of fewer
+    than 32 weights, blocksizes 2..4096 (below 32: weight by weight, from 32: the 16-value
+    table, 32 weights per SIMD step), every code, more workers than blocks."""
     x = gaussian((n,), seed=n) * 3
     packed, state = quantize_4bit(x, 2 ** log2_bs, quant_type, double_quant=nested)
-    out = torch.empty(n, dtype=dtype)
-    cpu_decode.decode_cpp(packed, state, out, n_workers)
-    assert torch.equal(bits(out), bits(decode_4bit(packed, state, dtype)))
+    want = bits(decode_4bit(packed, state, dtype))
+    for path, out in decode_each_path(packed, state, dtype, n_workers).items():
+        assert torch.equal(bits(out), want), path
 
 
 def test_the_same_bits_as_the_kernel_on_a_big_weight(emulation):
     """1000 x 999 weights, bf16 input, nested and plain: backend "cpp" == the kernel's emulation,
-    on torch's threads (the default split) and on 3 workers."""
+    on torch's threads (the default split) and on 3 workers, on every path."""
     w = gaussian((1000, 999), seed=5).bfloat16()
     for nested in (True, False):
         packed, state = quantize_4bit(w, 64, double_quant=nested)
@@ -54,21 +91,54 @@ def test_the_same_bits_as_the_kernel_on_a_big_weight(emulation):
             kernel = mq.dequantize_4bit(packed, state, dtype, backend="emulate")
             assert torch.equal(bits(mq.dequantize_4bit(packed, state, dtype, backend="cpp")),
                                bits(kernel))
-            out = torch.empty(w.numel(), dtype=dtype)
-            cpu_decode.decode_cpp(packed, state, out, n_workers=3)
-            assert torch.equal(bits(out), bits(kernel))
+            for path, out in decode_each_path(packed, state, dtype, n_workers=3).items():
+                assert torch.equal(bits(out), bits(kernel)), path
 
 
-def test_special_values_round_like_torch():
+@pytest.mark.parametrize("blocksize", [16, 32, 64])
+def test_special_values_round_like_torch(blocksize):
     """An absmax near float32's largest value (products overflow 16 bits: infinity in fp16 and
-    bf16), tiny absmaxes (fp16 subnormals and zero), and the -0.0 of FP4's code 8."""
-    x = torch.tensor([3e38, -3e38, 1e-7, -1e-7, 2e-6, 0.0, -1e-30] * 16)
+    bf16), tiny absmaxes (fp16 subnormals and zero), the -0.0 of FP4's code 8, ties that round
+    to even, on every path (blocksize 16: weight by weight; 32, 64: the SIMD tables)."""
+    values = [3e38, -3e38, 1e-7, -1e-7, 2e-6, 0.0, -1e-30, 65504.0, 65519.0, 65520.0, 1 + 2**-8,
+              1 + 3 * 2**-8, 6e-8, 3e-8, -2.98e-8, 1e-38]
+    x = torch.tensor([v for v in values for _ in range(blocksize)])    # a block per value
     for quant_type in ("nf4", "fp4"):
-        packed, state = quantize_4bit(x, 16, quant_type, double_quant=False)
+        packed, state = quantize_4bit(x, blocksize, quant_type, double_quant=False)
         for dtype in OUT_DTYPES:
-            out = torch.empty(x.numel(), dtype=dtype)
-            cpu_decode.decode_cpp(packed, state, out)
-            assert torch.equal(bits(out), bits(decode_4bit(packed, state, dtype)))
+            want = bits(decode_4bit(packed, state, dtype))
+            for path, out in decode_each_path(packed, state, dtype).items():
+                assert torch.equal(bits(out), want), (path, dtype)
+
+
+def test_nan_and_infinite_absmax_give_the_scalar_loops_bits():
+    """A state with NaN, infinite and negative absmaxes (not one quantize_4bit makes): every path
+    gives the scalar loop's bits, NaN included (torch's own paths disagree on NaN bits, so the
+    scalar loop, round16.h, is the reference here)."""
+    packed, state = quantize_4bit(gaussian((40 * 64,), seed=3), 64, double_quant=False)
+    specials = torch.tensor([0x7FC00000, -0x00400000, 0x7FC12345, 0x7F812345, 0x7F800000,
+                             -0x00800000, 0x7F7FFFFF, -0x40000000, 0x00000005], dtype=torch.int32)
+    state.absmax[:len(specials)] = specials.view(torch.float32)   # NaNs with and without a
+    # payload, a signalling NaN, +-infinity, float32's largest, -2.0, a subnormal
+    finite = torch.arange(40 * 64) >= 64 * len(specials)  # blocks with a finite absmax
+    for dtype in OUT_DTYPES:
+        outs = decode_each_path(packed, state, dtype)
+        for path, out in outs.items():
+            assert torch.equal(bits(out), bits(outs["scalar"])), (path, dtype)
+        want = decode_4bit(packed, state, dtype)
+        assert torch.equal(bits(outs["scalar"])[finite], bits(want)[finite])
+
+
+def test_built_without_simd_it_runs_the_scalar_loop(tmp_path, monkeypatch):
+    """What ARM builds (no x86 SIMD compiled in; here -DMINQLORA_SCALAR_ONLY): cpu_paths() is
+    ["scalar"] alone, and it gives the definition's bits."""
+    monkeypatch.setenv("CXX", f"{shlex.quote(build.compiler()[0])} -DMINQLORA_SCALAR_ONLY")
+    monkeypatch.setenv("MINQLORA_CACHE", str(tmp_path / "cache"))
+    assert cpu_decode.cpu_paths() == ["scalar"]
+    packed, state = quantize_4bit(gaussian((100, 33), seed=6), 32)
+    out = torch.empty(3300, dtype=torch.bfloat16)
+    cpu_decode.decode_cpp(packed, state, out)
+    assert torch.equal(bits(out), bits(decode_4bit(packed, state, torch.bfloat16)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a shell-script compiler")
