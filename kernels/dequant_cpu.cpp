@@ -99,8 +99,13 @@ extern "C" int cpu_paths() {
     return paths;
 }
 
+// A second wall behind Python's state check (quant_state.check_state): sizes that would make
+// a shift or an index undefined are refused here too, with -1 and nothing written.
 template <class Out, bool NESTED>
-static void decode(int n_workers, int path, const Args& a) {
+static int decode(int n_workers, int path, const Args& a) {
+    if (a.n < 0 || a.n > (1LL << 62) || a.log2_blocksize < 1 || a.log2_blocksize > 62 ||
+        (NESTED && (a.log2_blocksize2 < 0 || a.log2_blocksize2 > 62)))
+        return -1;
     void (*blocks)(const Args&, long long, long long) = decode_blocks<Out, NESTED>;  // path 0
 #ifdef X86_SIMD
     if (path == 2 && (cpu_paths() & 4)) blocks = decode_blocks_avx512<Out, NESTED>;
@@ -120,6 +125,7 @@ static void decode(int n_workers, int path, const Args& a) {
     blocks(a, 0, n_blocks / n_workers);
     for (auto& t : workers) t.join();
 #endif
+    return 0;
 }
 
 extern "C" int uses_openmp() {                        // which of the two splits was built
@@ -132,12 +138,12 @@ extern "C" int uses_openmp() {                        // which of the two splits
 
 // The six entry points, named and ordered like the kernels' parameters (launch.kernel_args).
 #define EXPORT(suffix, Out, NESTED)                                                             \
-    extern "C" void decode_4bit_##suffix(int n_workers, int path, const unsigned char* packed,  \
+    extern "C" int decode_4bit_##suffix(int n_workers, int path, const unsigned char* packed,  \
                                          const float* code, const float* absmax,                \
                                          const unsigned char* qabsmax, const float* code2,      \
                                          const float* absmax2, const float* offset, void* out,  \
                                          long long n, int log2_blocksize, int log2_blocksize2) { \
-        decode<Out, NESTED>(n_workers, path, Args{packed, code, absmax, qabsmax, code2,         \
+        return decode<Out, NESTED>(n_workers, path, Args{packed, code, absmax, qabsmax, code2,         \
                                                   absmax2, offset, out, n, log2_blocksize,      \
                                                   log2_blocksize2});                            \
     }

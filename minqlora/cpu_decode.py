@@ -91,5 +91,8 @@ def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = 
         n_workers = min(torch.get_num_threads(), max(1, n // MIN_WEIGHTS))
     pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(lib, name.replace("dequant_", "decode_"))
-    run(ctypes.c_int(n_workers), ctypes.c_int(PATHS.index(path or paths[-1])), *pointers,
-        ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))
+    status = run(ctypes.c_int(n_workers), ctypes.c_int(PATHS.index(path or paths[-1])),
+                 *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))
+    if status != 0:                    # the C++ bounds check: unreachable past check_state
+        raise ValueError(f"decode_cpp: the decoder refused n={n}, log2 blocksizes "
+                         f"{log2_bs}/{log2_bs2} (each must lie in 1..62)")

@@ -2,6 +2,7 @@
 (kernels/dequant_cpu.cpp): the bits of lesson 04's definition on every shape, blocksize, code,
 output dtype and thread count, on every path this CPU runs (the scalar loop, forced, and the
 SIMD lookups of dequant_x86.h: AVX2, AVX-512), with OpenMP or with the std::thread fallback."""
+import ctypes
 import os
 import platform
 import shlex
@@ -191,3 +192,20 @@ def test_a_forked_child_on_one_thread_decodes():
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+@pytest.mark.parametrize("n, log2_bs, log2_bs2", [(64, 63, 8), (64, 0, 8), (64, 64, 8),
+                                                  (-1, 6, 8), (64, 6, 63), (2**62 + 1, 6, 8)])
+def test_the_library_itself_refuses_sizes_that_would_be_undefined(decoder, n, log2_bs, log2_bs2):
+    """A second wall behind check_state: called directly, with sizes no state check lets through,
+    every entry point returns -1 and writes nothing (no shift by 63, no read past absmax)."""
+    out = torch.full((64,), 7.0)
+    null = ctypes.c_void_p(None)
+    args = [ctypes.c_int(1), ctypes.c_int(0), null, null, null, null, null, null, null,
+            ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(n), ctypes.c_int(log2_bs),
+            ctypes.c_int(log2_bs2)]
+    for name in ("decode_4bit_f32", "decode_4bit_f32_nested"):
+        if name == "decode_4bit_f32" and log2_bs2 == 63:
+            continue                                     # a plain state has no second level
+        assert getattr(decoder, name)(*args) == -1
+    assert (out == 7.0).all()
