@@ -436,6 +436,68 @@ def test_lesson08_implement(capsys):
     expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)
 
 
+# ---------------------------------------------------------------- lesson 10
+from minqlora.exercises import lesson10 as l10  # noqa: E402
+
+
+def test_lesson10(capsys):
+    n = 4096 * 4096
+    right = n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * 16 + 4 * 256
+    expect_right(capsys, l10.exercise_1, right)
+    expect_hint(capsys, l10.exercise_1, "only part of it", n // 2)
+    expect_hint(capsys, l10.exercise_1, "uint8 indices (qabsmax)", right + 3 * (n // 64))
+    expect_hint(capsys, l10.exercise_1, "the two tables", right - 4 * 16 - 4 * 256)
+    expect_hint(capsys, l10.exercise_1, "whole number", right + 0.5)
+    toy = l10._toy_fraction()
+    at_scale = 4 * 64 * 8192 / right
+    assert 0.5 < toy < 1.5 and 0.2 < at_scale < 0.3
+    expect_right(capsys, l10.exercise_3, dict(toy=toy, at_scale=at_scale))
+    expect_hint(capsys, l10.exercise_3, "not base / adapter", dict(toy=1 / toy, at_scale=at_scale))
+    expect_hint(capsys, l10.exercise_3, "both float32", dict(toy=toy, at_scale=at_scale / 2))
+    expect_hint(capsys, l10.exercise_3, "not the 16-bit", dict(toy=toy, at_scale=4 * 64 * 8192 / (2 * n)))
+    expect_hint(capsys, l10.exercise_3, "is missing the key(s) at_scale", dict(toy=toy))
+
+
+def decode10(tensors, name):
+    """The solution: lessons 03-04's decode on one layer of a bitsandbytes state dict."""
+    import json
+    key = name + ".weight"
+    info = json.loads(bytes(tensors[key + ".quant_state.bitsandbytes__nf4"].tolist()))
+    rows, cols = info["shape"]
+    packed = tensors[key].reshape(-1).long()
+    index = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: rows * cols]
+    absmax = tensors[key + ".absmax"]
+    if key + ".nested_absmax" in tensors:
+        group = torch.arange(len(absmax)) // info["nested_blocksize"]
+        absmax = (tensors[key + ".nested_quant_map"][absmax.long()]
+                  * tensors[key + ".nested_absmax"][group] + info["nested_offset"])
+    block = torch.arange(rows * cols) // info["blocksize"]
+    return (tensors[key + ".quant_map"][index] * absmax[block]).reshape(rows, cols)
+
+
+def test_lesson10_implement(capsys):
+    expect_right(capsys, l10.exercise_2, decode10)
+    expect_right(capsys, l10.exercise_2, lambda t, n: l10._decode(t, n).double())
+    for mistake, hint in l10.MISTAKES.items():
+        expect_hint(capsys, l10.exercise_2, hint,
+                    lambda t, n, mistake=mistake: l10._decode(t, n, mistake))
+
+    def always_nested(t, n):
+        t[n + ".weight.nested_absmax"]
+        return decode10(t, n)
+
+    def per_row_blocks(t, n):                          # reshapes into blocks of 64: no short block
+        w = decode10(t, n)
+        return w.reshape(-1, 64).reshape(w.shape)
+    expect_hint(capsys, l10.exercise_2, "its absmax is float32", always_nested)
+    expect_hint(capsys, l10.exercise_2, "the last block is short", per_row_blocks)
+    expect_hint(capsys, l10.exercise_2, "absmax2[b // 256]",
+                lambda t, n: t[n + ".weight.nested_absmax"][300])
+    expect_hint(capsys, l10.exercise_2, "the shape the JSON names",
+                lambda t, n: decode10(t, n).reshape(-1))
+    expect_hint(capsys, l10.exercise_2, "floating-point tensor", lambda t, n: decode10(t, n).tolist())
+
+
 # ---------------------------------------------------------------- lesson 11
 from minqlora.exercises import lesson11 as l11  # noqa: E402
 
