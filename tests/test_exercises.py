@@ -51,7 +51,7 @@ def test_stub_says_not_implemented(module, capsys):
 def test_bad_types_give_a_verdict_not_an_exception(module, capsys):
     for name, check in checks(module):
         n = len(inspect.signature(check).parameters)
-        for bad in ("abc", 3, [1, 2], {"x": 1}, object()):
+        for bad in ("abc", -3, [1, 2], {"x": 1}, object()):   # 3 is lesson 13's GPUs
             ok, out = verdict(capsys, check, *[bad] * n)
             assert ok is False and out.startswith(f"Exercise "), (module, name, bad, out)
 
@@ -454,7 +454,8 @@ def test_lesson10(capsys):
     expect_right(capsys, l10.exercise_3, dict(toy=toy, at_scale=at_scale))
     expect_hint(capsys, l10.exercise_3, "not base / adapter", dict(toy=1 / toy, at_scale=at_scale))
     expect_hint(capsys, l10.exercise_3, "both float32", dict(toy=toy, at_scale=at_scale / 2))
-    expect_hint(capsys, l10.exercise_3, "not the 16-bit", dict(toy=toy, at_scale=4 * 64 * 8192 / (2 * n)))
+    expect_hint(capsys, l10.exercise_3, "not the 16-bit",
+                dict(toy=toy, at_scale=4 * 64 * 8192 / (2 * n)))
     expect_hint(capsys, l10.exercise_3, "is missing the key(s) at_scale", dict(toy=toy))
 
 
@@ -495,7 +496,8 @@ def test_lesson10_implement(capsys):
                 lambda t, n: t[n + ".weight.nested_absmax"][300])
     expect_hint(capsys, l10.exercise_2, "the shape the JSON names",
                 lambda t, n: decode10(t, n).reshape(-1))
-    expect_hint(capsys, l10.exercise_2, "floating-point tensor", lambda t, n: decode10(t, n).tolist())
+    expect_hint(capsys, l10.exercise_2, "floating-point tensor",
+                lambda t, n: decode10(t, n).tolist())
 
 
 # ---------------------------------------------------------------- lesson 11
@@ -535,3 +537,45 @@ def test_lesson11_implement(capsys):
     expect_hint(capsys, l11.exercise_4, "by its weight", lambda *a: step(*a, weighted=False))
     expect_hint(capsys, l11.exercise_4, "keeps its code", lambda *a: step(*a, keep_empty=False))
     expect_hint(capsys, l11.exercise_4, "one new value per code", lambda c, s, w: step(c, s, w)[1:])
+
+
+# ---------------------------------------------------------------- lesson 13
+from minqlora.exercises import lesson13 as l13  # noqa: E402
+
+
+def shard_rows13(rows, world, rank):
+    c = -(-rows // world)
+    return min(rank * c, rows), min((rank + 1) * c, rows)
+
+
+def test_lesson13(capsys):
+    fits = [n for n in range(1, 9) if l13._fits(n)]
+    expect_right(capsys, l13.exercise_2, fits[0])
+    expect_hint(capsys, l13.exercise_2, "try one GPU less", fits[0] + 1)
+    expect_hint(capsys, l13.exercise_2, "stop at the first total", 1)
+    naive = -(-l13.estimate("llama-2-70b", "qlora", r=64).total // int(24e9))
+    assert naive < fits[0]
+    expect_hint(capsys, l13.exercise_2, "forgets the parts that do not shrink", naive)
+    expect_hint(capsys, l13.exercise_2, "whole number", fits[0] + 0.5)
+    expect_hint(capsys, l13.exercise_2, "at least 1", 0)
+
+
+def test_lesson13_implement(capsys):
+    expect_right(capsys, l13.exercise_1, shard_rows13)
+    spread = lambda rows, world, r: (r * (rows // world) + min(r, rows % world),          # noqa
+                                     (r + 1) * (rows // world) + min(r + 1, rows % world))
+    floor = lambda rows, world, r: (r * (rows // world), (r + 1) * (rows // world))      # noqa
+    wrong = {
+        "not how many there are": lambda *a: (shard_rows13(*a)[0], shard_rows13(*a)[1]
+                                             - shard_rows13(*a)[0]),
+        "clip it to `rows`": lambda rows, world, r: (min(r * -(-rows // world), rows),
+                                                     (r + 1) * -(-rows // world)),
+        "start == stop == rows": lambda rows, world, r: (r * -(-rows // world),
+                                                         min((r + 1) * -(-rows // world), rows)),
+        "torch.chunk rounds up": floor,
+        "does not spread the remainder": spread,
+        "tuple of two ints": lambda *a: list(shard_rows13(*a)),
+    }
+    for hint, fn in wrong.items():
+        expect_hint(capsys, l13.exercise_1, hint, fn)
+    expect_hint(capsys, l13.exercise_1, "raised ZeroDivisionError", lambda *a: 1 / 0)

@@ -1,8 +1,7 @@
 """Checks for lesson 10's exercises (real checkpoints); the library is the answer key.
 
->>> exercise_1(4096 * 4096 // 2)
-Exercise 1: not yet.
-  hint: the packed indices are only part of it: add one uint8 absmax per block of 64, one float32 absmax2 per 256 blocks, and the two float32 tables (16 and 256 values)
+>>> exercise_1(4096 * 4096 / 3)
+Exercise 1: answer_1 should be a whole number, got 5592405.333333333.
 False
 """
 import json
@@ -53,7 +52,8 @@ def exercise_1(answer):
 MISTAKES = {
     "nibbles": "the high nibble (byte >> 4) holds the even-indexed weight, the low nibble "
                "(byte & 0x0F) the odd one",
-    "offset": "the offset: absmax = DYNAMIC[qabsmax] * absmax2 + offset (nested_offset in the JSON)",
+    "offset": "the offset: absmax = DYNAMIC[qabsmax] * absmax2 + offset (nested_offset in the "
+              "JSON)",
     "nested": "a nested layer's absmax is stored as uint8 indices into nested_quant_map: decode "
               "them first, DYNAMIC[qabsmax] * absmax2 + offset",
     "absmax2": "each decoded absmax is scaled by its absmax2: DYNAMIC[qabsmax] * absmax2[block // "
@@ -162,7 +162,8 @@ def exercise_3(answer):
     if close(at_scale, adapter_bytes / 2 / _file_bytes(), rel=0.01):
         hints.append("at_scale: A is r x 4096 and B is 4096 x r, both float32 (4 bytes)")
     elif close(at_scale, adapter_bytes / (2 * N), rel=0.01):
-        hints.append("at_scale: divide by the 4-bit layer's bytes (exercise 1), not the 16-bit one's")
+        hints.append("at_scale: divide by the 4-bit layer's bytes (exercise 1), not the 16-bit "
+                     "one's")
     elif not close(at_scale, adapter_bytes / _file_bytes(), rel=0.01):
         hints.append("at_scale: (bytes of float32 A and B at r = 64) / (exercise 1's bytes)")
     return verdict(hints)
