@@ -51,7 +51,7 @@ def test_stub_says_not_implemented(module, capsys):
 def test_bad_types_give_a_verdict_not_an_exception(module, capsys):
     for name, check in checks(module):
         n = len(inspect.signature(check).parameters)
-        for bad in ("abc", 3, [1, 2], {"x": 1}, object()):
+        for bad in ("abc", -3, [1, 2], {"x": 1}, object()):   # 3 is lesson 13's GPUs
             ok, out = verdict(capsys, check, *[bad] * n)
             assert ok is False and out.startswith(f"Exercise "), (module, name, bad, out)
 
@@ -436,6 +436,70 @@ def test_lesson08_implement(capsys):
     expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)
 
 
+# ---------------------------------------------------------------- lesson 10
+from minqlora.exercises import lesson10 as l10  # noqa: E402
+
+
+def test_lesson10(capsys):
+    n = 4096 * 4096
+    right = n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * 16 + 4 * 256
+    expect_right(capsys, l10.exercise_1, right)
+    expect_hint(capsys, l10.exercise_1, "only part of it", n // 2)
+    expect_hint(capsys, l10.exercise_1, "uint8 indices (qabsmax)", right + 3 * (n // 64))
+    expect_hint(capsys, l10.exercise_1, "the two tables", right - 4 * 16 - 4 * 256)
+    expect_hint(capsys, l10.exercise_1, "whole number", right + 0.5)
+    toy = l10._toy_fraction()
+    at_scale = 4 * 64 * 8192 / right
+    assert 0.5 < toy < 1.5 and 0.2 < at_scale < 0.3
+    expect_right(capsys, l10.exercise_3, dict(toy=toy, at_scale=at_scale))
+    expect_hint(capsys, l10.exercise_3, "not base / adapter", dict(toy=1 / toy, at_scale=at_scale))
+    expect_hint(capsys, l10.exercise_3, "both float32", dict(toy=toy, at_scale=at_scale / 2))
+    expect_hint(capsys, l10.exercise_3, "not the 16-bit",
+                dict(toy=toy, at_scale=4 * 64 * 8192 / (2 * n)))
+    expect_hint(capsys, l10.exercise_3, "is missing the key(s) at_scale", dict(toy=toy))
+
+
+def decode10(tensors, name):
+    """The solution: lessons 03-04's decode on one layer of a bitsandbytes state dict."""
+    import json
+    key = name + ".weight"
+    info = json.loads(bytes(tensors[key + ".quant_state.bitsandbytes__nf4"].tolist()))
+    rows, cols = info["shape"]
+    packed = tensors[key].reshape(-1).long()
+    index = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: rows * cols]
+    absmax = tensors[key + ".absmax"]
+    if key + ".nested_absmax" in tensors:
+        group = torch.arange(len(absmax)) // info["nested_blocksize"]
+        absmax = (tensors[key + ".nested_quant_map"][absmax.long()]
+                  * tensors[key + ".nested_absmax"][group] + info["nested_offset"])
+    block = torch.arange(rows * cols) // info["blocksize"]
+    return (tensors[key + ".quant_map"][index] * absmax[block]).reshape(rows, cols)
+
+
+def test_lesson10_implement(capsys):
+    expect_right(capsys, l10.exercise_2, decode10)
+    expect_right(capsys, l10.exercise_2, lambda t, n: l10._decode(t, n).double())
+    for mistake, hint in l10.MISTAKES.items():
+        expect_hint(capsys, l10.exercise_2, hint,
+                    lambda t, n, mistake=mistake: l10._decode(t, n, mistake))
+
+    def always_nested(t, n):
+        t[n + ".weight.nested_absmax"]
+        return decode10(t, n)
+
+    def per_row_blocks(t, n):                          # reshapes into blocks of 64: no short block
+        w = decode10(t, n)
+        return w.reshape(-1, 64).reshape(w.shape)
+    expect_hint(capsys, l10.exercise_2, "its absmax is float32", always_nested)
+    expect_hint(capsys, l10.exercise_2, "the last block is short", per_row_blocks)
+    expect_hint(capsys, l10.exercise_2, "absmax2[b // 256]",
+                lambda t, n: t[n + ".weight.nested_absmax"][300])
+    expect_hint(capsys, l10.exercise_2, "the shape the JSON names",
+                lambda t, n: decode10(t, n).reshape(-1))
+    expect_hint(capsys, l10.exercise_2, "floating-point tensor",
+                lambda t, n: decode10(t, n).tolist())
+
+
 # ---------------------------------------------------------------- lesson 11
 from minqlora.exercises import lesson11 as l11  # noqa: E402
 
@@ -473,3 +537,45 @@ def test_lesson11_implement(capsys):
     expect_hint(capsys, l11.exercise_4, "by its weight", lambda *a: step(*a, weighted=False))
     expect_hint(capsys, l11.exercise_4, "keeps its code", lambda *a: step(*a, keep_empty=False))
     expect_hint(capsys, l11.exercise_4, "one new value per code", lambda c, s, w: step(c, s, w)[1:])
+
+
+# ---------------------------------------------------------------- lesson 13
+from minqlora.exercises import lesson13 as l13  # noqa: E402
+
+
+def shard_rows13(rows, world, rank):
+    c = -(-rows // world)
+    return min(rank * c, rows), min((rank + 1) * c, rows)
+
+
+def test_lesson13(capsys):
+    fits = [n for n in range(1, 9) if l13._fits(n)]
+    expect_right(capsys, l13.exercise_2, fits[0])
+    expect_hint(capsys, l13.exercise_2, "try one GPU less", fits[0] + 1)
+    expect_hint(capsys, l13.exercise_2, "stop at the first total", 1)
+    naive = -(-l13.estimate("llama-2-70b", "qlora", r=64).total // int(24e9))
+    assert naive < fits[0]
+    expect_hint(capsys, l13.exercise_2, "forgets the parts that do not shrink", naive)
+    expect_hint(capsys, l13.exercise_2, "whole number", fits[0] + 0.5)
+    expect_hint(capsys, l13.exercise_2, "at least 1", 0)
+
+
+def test_lesson13_implement(capsys):
+    expect_right(capsys, l13.exercise_1, shard_rows13)
+    spread = lambda rows, world, r: (r * (rows // world) + min(r, rows % world),          # noqa
+                                     (r + 1) * (rows // world) + min(r + 1, rows % world))
+    floor = lambda rows, world, r: (r * (rows // world), (r + 1) * (rows // world))      # noqa
+    wrong = {
+        "not how many there are": lambda *a: (shard_rows13(*a)[0], shard_rows13(*a)[1]
+                                             - shard_rows13(*a)[0]),
+        "clip it to `rows`": lambda rows, world, r: (min(r * -(-rows // world), rows),
+                                                     (r + 1) * -(-rows // world)),
+        "start == stop == rows": lambda rows, world, r: (r * -(-rows // world),
+                                                         min((r + 1) * -(-rows // world), rows)),
+        "torch.chunk rounds up": floor,
+        "does not spread the remainder": spread,
+        "tuple of two ints": lambda *a: list(shard_rows13(*a)),
+    }
+    for hint, fn in wrong.items():
+        expect_hint(capsys, l13.exercise_1, hint, fn)
+    expect_hint(capsys, l13.exercise_1, "raised ZeroDivisionError", lambda *a: 1 / 0)
