@@ -15,7 +15,7 @@ from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear
 from minqlora.training import evaluate
 
-STEPS = 100          # finetune's default is 500; 100 keeps this file short, bounds below
+STEPS = 200          # finetune's default, lesson 09's setting (batches of 256, lr 1e-2, alpha 32)
 
 
 def test_bad_input_says_what_was_expected():
@@ -55,24 +55,38 @@ def base_before(toy_base):
 
 @pytest.fixture(scope="module")
 def results(toy_base, base_before):
-    """One run per method on the one shared base."""
-    return {m: finetune(toy_base, m, steps=STEPS) for m in METHODS}
+    """One run per method on the one shared base, with finetune's defaults (lesson 09's)."""
+    return {m: finetune(toy_base, m) for m in METHODS}
 
 
 def test_every_method_learns_the_new_task_and_leaves_the_base_alone(toy_base, base_before,
                                                                        results):
     """Each run starts from its converted, untrained model (LoRA's B = 0), which is the base up
     to the rounding of its stored weights: held-out loss within 0.04 % of the base's for bf16,
-    1.9 % for the 4-bit types (bounds 0.2 % and 10 %). After 100 steps the held-out loss is
-    6.2x to 13.5x below the start over the grid (bound: 4x)."""
+    1.9 % for the 4-bit types (bounds 0.2 % and 10 %). After 200 steps the held-out loss is
+    LEARN below the start over the grid (bound: 10x)."""
     sub = toy.make_data("sub")["heldout"]
     base_loss = evaluate(toy_base, sub)[0]
     for m, r in results.items():
         start = evaluate(convert(toy_base, m), sub)[0]
         assert r.heldout_curve[0][1] == start, m
         assert start == pytest.approx(base_loss, rel=0.002 if m in ("full", "lora16") else 0.1)
-        assert r.heldout_loss < start / 4 and len(r.losses) == STEPS, m
+        assert r.heldout_loss < start / 10 and len(r.losses) == STEPS, m
     assert all(torch.equal(base_before[k], v) for k, v in toy_base.state_dict().items())
+
+
+def test_every_method_answers_90_percent_and_qlora_matches_lora16(results):
+    """Issue 20: the payoff. Held-out exact match of the 3-digit answer (the base: < 0.05) after
+    finetune's defaults, measured with tools/training_grid.py on the bases of seeds 0-4 x
+    PyTorch's CPU kernel paths (this suite runs seed 0 on the path the CPU picks; .ci/run
+    again on another):
+
+GRID
+
+    Asserted: every method >= 0.90 and |qlora - lora16| <= 0.05, as lesson 09 asserts."""
+    acc = {m: r.accuracy for m, r in results.items()}
+    assert all(a >= 0.90 for a in acc.values()), acc
+    assert abs(acc["qlora"] - acc["lora16"]) <= 0.05, acc
 
 
 def test_nf4_reconstructs_the_base_best(results):
@@ -84,10 +98,10 @@ def test_nf4_reconstructs_the_base_best(results):
 
 
 def test_qlora_matches_lora16_within_seed_noise(results):
-    """Held-out loss after 100 steps over the grid: qlora / lora16 = 0.903 to 1.066 (asserted:
-    between 2/3 and 1.5); qlora / min(fp4, int4) = 0.995 to 1.119 (asserted: below 1.25). Which
-    of the three 4-bit types reaches the lowest loss changes from run to run: within the
-    seed-to-seed noise, so no ranking of the 4-bit types is asserted."""
+    """Held-out loss after 200 steps over the grid: qlora / lora16 = QL16 (asserted: between
+    LO16 and HI16); qlora / min(fp4, int4) = QMIN (asserted: below HIMIN). Which of the three
+    4-bit types reaches the lowest loss changes from run to run: within the seed-to-seed
+    noise, so no ranking of the 4-bit types is asserted."""
     loss = {m: r.heldout_loss for m, r in results.items()}
     assert 2 / 3 < loss["qlora"] / loss["lora16"] < 1.5
     assert loss["qlora"] < 1.25 * min(loss["qlora-fp4"], loss["qlora-int4"])
@@ -95,7 +109,7 @@ def test_qlora_matches_lora16_within_seed_noise(results):
 
 def test_finetune_is_deterministic_for_a_seed(toy_base):
     state = torch.random.get_rng_state()
-    a, b, c = (finetune(toy_base, "lora16", steps=20, seed=s) for s in (5, 5, 6))
+    a, b, c = (finetune(toy_base, "lora16", steps=20, batch_size=64, seed=s) for s in (5, 5, 6))
     assert a.losses == b.losses and a.heldout_curve == b.heldout_curve and a.losses != c.losses
     assert torch.equal(torch.random.get_rng_state(), state)
 
