@@ -140,7 +140,7 @@ def finetune(base: nn.Module, method: str, steps: int = 200, batch_size: int = 2
     result.heldout_curve (default steps // 10). progress=True shows a tqdm bar on stderr.
 
     >>> from minqlora.toy import ToyLM
-    >>> r = finetune(ToyLM(), "qlora", steps=20)          # an untrained base, for the bytes
+    >>> r = finetune(ToyLM(), "qlora", steps=20, batch_size=16)   # untrained base: the bytes
     >>> r.trainable, r.bytes                                # 14 linears at r=8, float32 adapters
     (17408, {'weights': 51696, 'adapters': 69632, 'optimizer': 139264})
     """

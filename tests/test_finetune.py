@@ -97,16 +97,6 @@ def test_nf4_reconstructs_the_base_best(results):
     assert err["qlora-int4"] > 1.05 * err["qlora"] and err["qlora-fp4"] > 1.05 * err["qlora-int4"]
 
 
-def test_qlora_matches_lora16_within_seed_noise(results):
-    """Held-out loss after 200 steps over the grid: qlora / lora16 = QL16 (asserted: between
-    LO16 and HI16); qlora / min(fp4, int4) = QMIN (asserted: below HIMIN). Which of the three
-    4-bit types reaches the lowest loss changes from run to run: within the seed-to-seed
-    noise, so no ranking of the 4-bit types is asserted."""
-    loss = {m: r.heldout_loss for m, r in results.items()}
-    assert 2 / 3 < loss["qlora"] / loss["lora16"] < 1.5
-    assert loss["qlora"] < 1.25 * min(loss["qlora-fp4"], loss["qlora-int4"])
-
-
 def test_finetune_is_deterministic_for_a_seed(toy_base):
     state = torch.random.get_rng_state()
     a, b, c = (finetune(toy_base, "lora16", steps=20, batch_size=64, seed=s) for s in (5, 5, 6))
