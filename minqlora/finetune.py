@@ -127,19 +127,22 @@ def weight_error(base: nn.Module, model: nn.Module) -> float:
     return (err / ref) ** 0.5
 
 
-def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 64,
-             lr: float = None, r: int = 8, alpha: float = 16, seed: int = 0, task: str = "sub",
+def finetune(base: nn.Module, method: str, steps: int = 200, batch_size: int = 256,
+             lr: float = 1e-2, r: int = 8, alpha: float = 32, seed: int = 0, task: str = "sub",
              pager=None, progress: bool = False, device="cpu", compute_dtype=None,
              eval_every: int = None) -> FinetuneResult:
     """Fine-tune a copy of `base` on `task` by `method`; base itself is not changed.
 
-    lr defaults to 2e-3 for full fine-tuning and 5e-3 for the LoRA methods (B starts at zero,
-    so the adapters take a larger step). pager: a Pager for PagedAdamW (qlora methods only).
+    The defaults (200 steps of 256 problems, lr 1e-2 for every method, alpha = 4 r) are lesson
+    09's setting. Over the bases of seeds 0-4 x CPU kernel paths, full fine-tuning reaches
+    >= 0.94 held-out exact match and the LoRA methods usually >= 0.90, but some LoRA runs stall
+    on a plateau (tests/test_finetune.py gives the grid). pager: a Pager for PagedAdamW (qlora
+    methods only).
     compute_dtype: default_compute_dtype(device). eval_every: steps between the points of
     result.heldout_curve (default steps // 10). progress=True shows a tqdm bar on stderr.
 
     >>> from minqlora.toy import ToyLM
-    >>> r = finetune(ToyLM(), "qlora", steps=20)          # an untrained base, for the bytes
+    >>> r = finetune(ToyLM(), "qlora", steps=20, batch_size=16)   # untrained base: the bytes
     >>> r.trainable, r.bytes                                # 14 linears at r=8, float32 adapters
     (17408, {'weights': 51696, 'adapters': 69632, 'optimizer': 139264})
     """
@@ -151,7 +154,6 @@ def finetune(base: nn.Module, method: str, steps: int = 500, batch_size: int = 6
         compute_dtype = default_compute_dtype(device)
     model = convert(base, method, r, alpha, seed, compute_dtype).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = lr if lr is not None else (2e-3 if method == "full" else 5e-3)
     if method in QUANT_TYPE_OF:
         opt = PagedAdamW(params, lr=lr, weight_decay=0.0, pager=pager)
     else:

@@ -21,11 +21,13 @@ def run(*args) -> str:
 
 
 def test_the_tour_runs_every_section(capsys, monkeypatch):
-    """The tour in quick mode, in this process, with its training cut to 40 steps: every
+    """The tour in quick mode, in this process, with its training cut to 40 steps of 64: every
     section runs and prints its table (the numbers are lesson 09's and the other tests'
     business; the command line's wiring is tested below, the tour's tables one by one too)."""
     from minqlora import finetune, toy, tour
-    short = lambda real: lambda *args, steps, **kw: real(*args, steps=min(steps, 40), **kw)  # noqa: E731
+    def short(real):                    # at most 40 steps of at most 64 problems
+        return lambda *args, steps=40, batch_size=64, **kw: real(
+            *args, steps=min(steps, 40), batch_size=min(batch_size, 64), **kw)
     monkeypatch.setattr(toy, "pretrain", short(toy.pretrain))
     monkeypatch.setattr(finetune, "finetune", short(finetune.finetune))
     tour.tour(seed=0, quick=True)
@@ -35,7 +37,7 @@ def test_the_tour_runs_every_section(capsys, monkeypatch):
         assert f"== {heading}" in out
     for method in ("full", "lora16", "qlora", "qlora-fp4", "qlora-int4"):
         assert f"\n{method} " in out
-    assert "page-ins" in out and "llama-65b" in out
+    assert "page-ins" in out and "llama-65b" in out and "accuracy: QLoRA (NF4) " in out
     if shutil.which("c++") or shutil.which("g++"):       # the kernel check needs a compiler here
         assert "bit-identical to the torch path" in out
 
