@@ -14,7 +14,7 @@ LESSON = {"_checks": 1, "absmax": 1, "blockwise": 2, "nf4": 3, "double_quant": 4
           "quant_state": 4, "launch": 5, "build": 5, "emulate": 5, "cuda": 5, "cpu_decode": 5, "backends": 5, "lora": 6,
           "linear4bit": 7, "qlora": 7, "merge": 7, "pager": 8, "paged_adam": 8, "toy": 9, "training": 9,
           "finetune": 9, "memory": 9, "bnb_layout": 7, "checkpoint": 10, "adapter": 10,
-          "codebooks": 11, "microscaling": 11, "compare": 11, "tour": 11}
+          "codebooks": 11, "microscaling": 11, "compare": 11, "tour": 11, "models": 12}
 TESTS = Path(__file__).parent
 TEST_FILE = {"tour": "test_cli",          # the tour is the command line's default command
              "build": "test_build_cache"}
