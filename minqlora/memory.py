@@ -2,7 +2,9 @@
 
 A LLaMA block (hidden h, intermediate m) holds seven linear weights, q, k, v, o (h x h each) and
 gate, up, down (h x m each), and two RMSNorms (h each); the model adds an embedding and an
-lm_head (vocab x h each) and a final norm. Every count below follows from those shapes:
+lm_head (vocab x h each) and a final norm. Newer LLaMAs (SmolLM2, lesson 12) shrink k and v to
+h x (h * num_key_value_heads / num_attention_heads) and may share the lm_head with the embedding
+(tie_word_embeddings): both optional config keys are honoured. Every count follows from shapes:
 
     method   base weights                      adapters (r)   gradients        optimizer state
     full16   16 bits, all                      -              16 bits, all     AdamW: 2 x fp32 = 8 B
@@ -91,8 +93,9 @@ def linear_shapes(config) -> list[tuple[str, int, int]]:
     """
     c = _config(config)
     h, m = c["hidden_size"], c["intermediate_size"]
+    kv = h * c.get("num_key_value_heads", c["num_attention_heads"]) // c["num_attention_heads"]
     mlp = [("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
-    return [(n, h, h) for n in LINEARS[:4]] + mlp
+    return [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h)] + mlp
 
 
 def count_params(config) -> int:
@@ -104,7 +107,7 @@ def count_params(config) -> int:
     c = _config(config)
     h, L = c["hidden_size"], c["num_hidden_layers"]
     per_block = sum(i * o for _, i, o in linear_shapes(c)) + 2 * h
-    return L * per_block + 2 * c["vocab_size"] * h + h
+    return L * per_block + (1 if c.get("tie_word_embeddings") else 2) * c["vocab_size"] * h + h
 
 
 def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize: int = 64,
@@ -175,7 +178,7 @@ def _config(config) -> dict:
     if missing:
         raise ValueError(f"memory: config is missing {missing}; expected the Hugging Face LLaMA "
                          f"keys {list(KEYS)}")
-    for k in KEYS:
+    for k in KEYS + tuple(k for k in ("num_key_value_heads",) if k in config):
         _check_count(config[k], f"memory: config[{k!r}]", 1)
     return config
 
