@@ -5,7 +5,7 @@ A block (hidden h, intermediate m, H heads, K key-value heads) holds seven linea
 q and o (h x h), k and v (h x h*K/H: grouped-query attention shares each key and value head
 among H/K query heads; K = H without num_key_value_heads), gate and up (h -> m), down (m -> h),
 and two RMSNorms (h each). The model adds an embedding and an lm_head (vocab x h each) and a
-final norm.
+final norm; with tie_word_embeddings (SmolLM2, lesson 12) the two are one tensor.
 
 Worked example: LLaMA-2-70B (h 8192, m 28672, 80 blocks, 64 heads, 8 key-value heads) has k and
 v of 8192 x 1024, 855,654,400 parameters per block and 68,976,648,192 in all.
@@ -51,7 +51,8 @@ def count_params(config) -> int:
     c = llama_config(config)
     h, L = c["hidden_size"], c["num_hidden_layers"]
     per_block = sum(i * o for _, i, o in linear_shapes(c)) + 2 * h
-    return L * per_block + 2 * c["vocab_size"] * h + h
+    heads = 1 if c.get("tie_word_embeddings") else 2     # SmolLM2 shares lm_head and embedding
+    return L * per_block + heads * c["vocab_size"] * h + h
 
 
 def llama_config(config) -> dict:

@@ -148,7 +148,8 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     activations = L * batch_size * seq_len * per_token * activation_bits // 8
     if gpus == 1:
         return Estimate(**{**sharded, "quant_constants": constants}, activations=activations)
-    root = (2 * c["vocab_size"] * h + h) * weight_bits // 8  # embedding, final norm, lm_head
+    heads = 1 if c.get("tie_word_embeddings") else 2      # embedding and lm_head, or one tied
+    root = (heads * c["vocab_size"] * h + h) * weight_bits // 8   # ... and the final norm
     block = (weights - root + sharded["quant_constants"] + sharded["adapters"]) // L
     per_gpu = {k: -(-v // gpus) for k, v in sharded.items()}          # 1/N, rounded up
     per_gpu["quant_constants"] += per_layer

@@ -145,3 +145,20 @@ def test_target_modules_as_one_name():
     one = memory.estimate("llama-7b", "qlora", target_modules="q_proj")
     assert one == memory.estimate("llama-7b", "qlora", target_modules=["q_proj"])
     assert one.adapters == 32 * 64 * (4096 + 4096) * 2
+
+
+def test_grouped_query_attention_and_tied_embeddings_smollm2():
+    """SmolLM2-135M (lesson 12): k and v are 576 x 192 (3 key/value heads for 9 query heads) and
+    the lm_head is the embedding: 30 * (2 * 576^2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576)
+    + 49152 * 576 + 576 = 134,515,008 parameters, what Transformers' model holds."""
+    smollm2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                   tie_word_embeddings=True)
+    assert memory.count_params(smollm2) == 134_515_008
+    assert [s[2] for s in memory.linear_shapes(smollm2)[:4]] == [576, 192, 192, 576]
+    untied = dict(smollm2, tie_word_embeddings=False, num_key_value_heads=9)
+    assert memory.count_params(untied) == 134_515_008 + 49152 * 576 + 30 * 2 * 576 * 384
+    e = memory.estimate(smollm2, "qlora", r=8)
+    assert e.adapters == 2 * 30 * 8 * (576 * 6 + 192 * 2 + 3 * (576 + 1536))   # r (in + out), 2 B
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        memory.count_params(dict(smollm2, num_key_value_heads=0))

@@ -17,7 +17,7 @@ LESSON = {"_checks": 1, "absmax": 1, "blockwise": 2, "nf4": 3, "double_quant": 4
           "finetune": 9, "memory": 9, "bnb_layout": 7, "checkpoint": 10, "adapter": 10,
           "folders": 10, "load_plan": 10, "files": 10,
           "codebooks": 11, "microscaling": 11, "compare": 11, "tour": 11, "llama_shapes": 9,
-          "mx_state": 11, "distributed": 13}
+          "mx_state": 11, "models": 12, "distributed": 13}
 TESTS = Path(__file__).parent
 TEST_FILE = {"tour": "test_cli",          # the tour is the command line's default command
              "build": "test_build_cache", "files": "test_hostile_files",
