@@ -11,6 +11,7 @@ per rank, the bytes it holds after training (4-bit sharded / replicated, adapter
 gradients, optimizer). --save FILE also writes the full state_dict gathered from the shards.
 """
 import argparse
+import gc
 import json
 import os
 
@@ -69,6 +70,10 @@ def run(steps: int = 8, batch_size: int = 64, seed: int = 0, device: str = "cpu"
     if rank == 0 and save:
         torch.save(state, save)
     if sharded:
+        # FSDP's hooks make cycles through the model to the process group; collected only at
+        # interpreter exit, gloo's threads would be torn down with Python half gone (SIGABRT).
+        del model, opt, params
+        gc.collect()
         dist.barrier()                                 # no rank leaves while another still talks
         dist.destroy_process_group()
     return {"world": world, "losses": losses, "bytes": per_rank} if rank == 0 else None

@@ -24,7 +24,8 @@ STEPS = 6
 
 def torchrun(nproc: int, save: Path, *args) -> dict:
     """lessons/fsdp_qlora.py on `nproc` ranks; rank 0's JSON line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(SCRIPT), "--steps", str(STEPS), "--save", str(save),
            *args]
