@@ -34,21 +34,16 @@ from torch import nn
 from .checkpoint import read_safetensors
 from .files import JSON_CAP, read_regular, replace_together, text_writer
 from .lora import LoRALinear
+from .qlora import name_matches
 
 PREFIX = "base_model.model."
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PLAIN = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
          "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
          "modules_to_save": None, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "use_qalora": False}   # PEFT's defaults, all ours
 TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForSequenceClassification":
          "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
-
-
-def _matches(name: str, targets) -> bool:
-    """PEFT's rule for a list of target_modules (prepare_qlora's too): the whole name or its
-    last dotted parts."""
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_layers(model: nn.Module) -> dict:
@@ -73,7 +68,7 @@ def target_modules(model: nn.Module, names) -> list:
     others = [n for n, _ in model.named_modules() if n and n not in names
               and not any(n.startswith(p + ".") for p in names)]
     leaves = sorted({n.rpartition(".")[2] for n in names})
-    return leaves if not any(_matches(n, leaves) for n in others) else names
+    return leaves if not any(name_matches(n, leaves) for n in others) else names
 
 
 def peft_fields(model: nn.Module, task_type=None, base_model_name_or_path=None) -> dict:
@@ -117,9 +112,9 @@ def save_adapter(model: nn.Module, directory, task_type=None,
                for name, m in layers.items() for ab in ("lora_A", "lora_B")}
     os.makedirs(directory, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    replace_together({os.path.join(directory, WEIGHTS):     # both files or neither (files.py)
+    replace_together({os.path.join(directory, ADAPTER_WEIGHTS):    # both or neither (files.py)
                       lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-                      os.path.join(directory, CONFIG): text_writer(text)})
+                      os.path.join(directory, ADAPTER_CONFIG): text_writer(text)})
 
 
 def _targets(config: dict, name: str) -> bool:
@@ -129,7 +124,7 @@ def _targets(config: dict, name: str) -> bool:
         return True     # every linear (PEFT skips the head of a Transformers model only)
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return isinstance(targets, list) and _matches(name, targets)
+    return isinstance(targets, list) and name_matches(name, targets)
 
 
 def _target_problems(targets) -> list:
@@ -185,10 +180,11 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     modules); everything is checked first, so on error the model is unchanged. Dropout is a
     training setting and stays the model's."""
     try:
-        config = json.loads(read_regular(os.path.join(directory, CONFIG), JSON_CAP))
+        config = json.loads(read_regular(os.path.join(directory, ADAPTER_CONFIG), JSON_CAP))
     except (ValueError, RecursionError) as error:         # RecursionError: deep nesting
-        raise ValueError(f"load_adapter: cannot read {CONFIG} in {directory}: {error}") from None
-    tensors = read_safetensors(os.path.join(directory, WEIGHTS))
+        raise ValueError(f"load_adapter: cannot read {ADAPTER_CONFIG} in {directory}: "
+                         f"{error}") from None
+    tensors = read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
     problems = check_adapter(model, config if isinstance(config, dict) else {}, tensors)
     if problems:
         raise ValueError(f"load_adapter: {directory} does not fit the model "

@@ -35,12 +35,13 @@ from .lora import LoRALinear
 from .save_guard import guard_save_pretrained
 
 
-def _matches(name: str, patterns) -> bool:
-    """PEFT's rule for a list of names: the full name, or its last dotted part(s).
+def name_matches(name: str, patterns) -> bool:
+    """PEFT's rule for a list of names (prepare_qlora's target_modules and exclude, PEFT's
+    target_modules in adapter.py): the full name, or its last dotted part(s).
 
-    >>> _matches("blocks.0.attn.q", ["q"]), _matches("blocks.0.attn.q", ["attn.q"])
+    >>> name_matches("blocks.0.attn.q", ["q"]), name_matches("blocks.0.attn.q", ["attn.q"])
     (True, True)
-    >>> _matches("lm_head", ["head"])
+    >>> name_matches("lm_head", ["head"])
     False
     """
     return any(name == p or name.endswith("." + p) for p in patterns)
@@ -76,8 +77,8 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
         if isinstance(m, (nn.Linear, Linear4bit)) and not _inside(name, adapted):
             aliases.setdefault(id(m), (m, []))[1].append(name)
     targets = [(m, names) for m, names in aliases.values()
-               if not any(_matches(n, exclude) for n in names)
-               and (target_modules is None or any(_matches(n, target_modules) for n in names))]
+               if not any(name_matches(n, exclude) for n in names)
+               and (target_modules is None or any(name_matches(n, target_modules) for n in names))]
     skipped = {names[0]: why for m, names in targets
                if (why := _why_not_convert(model, m, names))}
     targets = [(m, names) for m, names in targets if names[0] not in skipped]
