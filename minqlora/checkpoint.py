@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from .files import read_regular, replace_together, text_writer, write_atomic
-from .folders import (check_target, folder_compute_dtype, folder_config, index_keys, is_folder,
-                      quantization_config, json_text, read_config, weight_files, CONFIG, WEIGHTS)
+from .folders import (MODEL_CONFIG, MODEL_WEIGHTS, check_target, folder_compute_dtype,
+                      folder_config, index_keys, is_folder, quantization_config, json_text,
+                      read_config, weight_files)
 from .linear4bit import Linear4bit
 from .load_plan import apply, file_name, plan, ties
 from .merge import merge_qlora
@@ -85,9 +86,9 @@ def save_4bit(model: nn.Module, path, merge: bool = False) -> None:
     check_target(path)
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
-    replace_together({os.path.join(path, WEIGHTS):   # both files or neither (files.py)
+    replace_together({os.path.join(path, MODEL_WEIGHTS):   # both files or neither (files.py)
                       lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-                      os.path.join(path, CONFIG): text_writer(json_text(config))})
+                      os.path.join(path, MODEL_CONFIG): text_writer(json_text(config))})
 
 
 def read_safetensors(path) -> dict:

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-WEIGHTS = "model.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-CONFIG = "config.json"
+MODEL_CONFIG = "config.json"
 
 
 def is_folder(path) -> bool:
@@ -42,11 +42,11 @@ def weight_files(folder) -> list:
     otherwise."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: no such folder (a file must end in .safetensors)")
-    if os.path.isfile(os.path.join(folder, WEIGHTS)):
-        return [os.path.join(folder, WEIGHTS)]
+    if os.path.isfile(os.path.join(folder, MODEL_WEIGHTS)):
+        return [os.path.join(folder, MODEL_WEIGHTS)]
     index = os.path.join(folder, INDEX)
     if not os.path.isfile(index):
-        raise ValueError(f"{folder}: neither {WEIGHTS} nor {INDEX} is there (found "
+        raise ValueError(f"{folder}: neither {MODEL_WEIGHTS} nor {INDEX} is there (found "
                          f"{sorted(os.listdir(folder))[:10]}); minqlora reads safetensors only")
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -64,7 +64,7 @@ def weight_files(folder) -> list:
 def index_keys(folder) -> dict:
     """{key: shard file} of a sharded folder's index, {} without one."""
     path = os.path.join(folder, INDEX)
-    if os.path.isfile(path) and not os.path.isfile(os.path.join(folder, WEIGHTS)):
+    if os.path.isfile(path) and not os.path.isfile(os.path.join(folder, MODEL_WEIGHTS)):
         return read_json(path)["weight_map"]
     return {}
 
@@ -83,7 +83,7 @@ def read_json(path) -> dict:
 
 def read_config(folder) -> dict:
     """config.json of a folder, {} when there is none."""
-    path = os.path.join(folder, CONFIG)
+    path = os.path.join(folder, MODEL_CONFIG)
     return read_json(path) if os.path.isfile(path) else {}
 
 

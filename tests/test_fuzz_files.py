@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from minqlora.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
+from minqlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from minqlora.checkpoint import load_4bit, save_4bit
 from minqlora.lora import LoRALinear
 from minqlora.qlora import prepare_qlora
@@ -157,21 +157,21 @@ def test_load_adapter_takes_a_valid_folder_or_refuses_it_unchanged(changes, data
         save_adapter(MODEL, folder)
         which = draw(st.sampled_from(["file", "config", "tensors"]))
         if which == "file":
-            damage_file(Path(folder, draw(st.sampled_from([CONFIG, WEIGHTS]))),
+            damage_file(Path(folder, draw(st.sampled_from([ADAPTER_CONFIG, ADAPTER_WEIGHTS]))),
                         draw(FILE_DAMAGE), draw)
         elif which == "config":
-            config = json.loads(Path(folder, CONFIG).read_text())
+            config = json.loads(Path(folder, ADAPTER_CONFIG).read_text())
             for _ in range(changes):                # target_modules: half the changes
                 key = draw(st.sampled_from(["target_modules"] * 8 + sorted(config) + ["x"]))
                 config[key] = draw(st.sampled_from(["(", "[", ".*", "0|2", "all-linear", [1, 2],
                                                     ["0", "2"], ["0"], None]) | JSON)
-            Path(folder, CONFIG).write_text(json.dumps(config))
+            Path(folder, ADAPTER_CONFIG).write_text(json.dumps(config))
         else:                                       # float8 (no isfinite of its own) often
-            tensors = safetensors.load_file(Path(folder, WEIGHTS))
+            tensors = safetensors.load_file(Path(folder, ADAPTER_WEIGHTS))
             for _ in range(changes):
                 key = draw(st.sampled_from(sorted(tensors)))
                 tensors[key] = (tensors[key].to(draw(st.sampled_from(DTYPES[4:6])))
                                 if draw(st.booleans()) else draw(tensor_change(tensors[key])))
-            safetensors.save_file(tensors, Path(folder, WEIGHTS))
+            safetensors.save_file(tensors, Path(folder, ADAPTER_WEIGHTS))
         m = copy.deepcopy(MODEL)
         check(load_adapter, m, folder)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minqlora import adapter, files
-from minqlora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
+from minqlora.adapter import ADAPTER_CONFIG, PREFIX, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from minqlora.checkpoint import load_4bit, save_4bit
 from minqlora.lora import LoRALinear
 from minqlora.qlora import prepare_qlora
@@ -62,13 +62,14 @@ def test_item2_a_link_at_the_old_temporary_name_is_never_written_through(tmp_pat
     victim, folder = tmp_path / "victim.txt", tmp_path / "adapter"
     victim.write_text("precious")
     folder.mkdir()
-    (folder / f"{CONFIG}.tmp").symlink_to(victim)
-    (folder / f"{WEIGHTS}.tmp").write_text("the user's own file")
+    (folder / f"{ADAPTER_CONFIG}.tmp").symlink_to(victim)
+    (folder / f"{ADAPTER_WEIGHTS}.tmp").write_text("the user's own file")
     save_adapter(prepared(), folder)
     assert victim.read_text() == "precious"
-    assert (folder / f"{WEIGHTS}.tmp").read_text() == "the user's own file"
+    assert (folder / f"{ADAPTER_WEIGHTS}.tmp").read_text() == "the user's own file"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [CONFIG, WEIGHTS, f"{CONFIG}.tmp", f"{WEIGHTS}.tmp"])      # no temporaries left
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, f"{ADAPTER_CONFIG}.tmp",
+         f"{ADAPTER_WEIGHTS}.tmp"])                                   # no temporaries left
     load_adapter(prepared(seed=1), folder)
 
 
@@ -88,7 +89,7 @@ def test_item2_concurrent_saves_into_one_folder_all_succeed(tmp_path):
         t.join()
     assert not errors, errors[:3]
     load_adapter(prepared(seed=1), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG, WEIGHTS])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
 # item 3: the pair is replaced as one
@@ -98,7 +99,7 @@ def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
     real_open = open
 
     def full_disk(path, *args, **kwargs):
-        if CONFIG in os.fspath(path):
+        if ADAPTER_CONFIG in os.fspath(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(files, "open", full_disk, raising=False)   # files.text_writer
@@ -109,17 +110,17 @@ def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
     load_adapter(fresh, tmp_path)                  # the old pair, whole
     assert_unchanged(fresh, {**snapshot(fresh), **{k: v for k, v in old.state_dict().items()
                                                     if "lora_" in k}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG, WEIGHTS])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
 # item 7: finiteness in the dtype the model will hold
 def test_item7_an_adapter_weight_that_overflows_float32_is_refused(tmp_path):
     save_adapter(prepared(), tmp_path)
-    tensors = safetensors.load_file(tmp_path / WEIGHTS)
+    tensors = safetensors.load_file(tmp_path / ADAPTER_WEIGHTS)
     key = f"{PREFIX}layers.0.q_proj.lora_A.weight"
     tensors[key] = tensors[key].double()
     tensors[key][0, 0] = 1e300
-    safetensors.save_file(tensors, tmp_path / WEIGHTS)
+    safetensors.save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
     model = prepared(seed=1)
     before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite values in torch.float32"):
@@ -150,9 +151,9 @@ def test_item7_load_4bit_refuses_non_finite_plain_tensors_and_biases(tmp_path, k
 
 # item 10: clear errors, never one from inside json, re or torch
 def rewrite_config(folder, **fields):
-    config = json.loads((folder / CONFIG).read_text())
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
     config.update(fields)
-    (folder / CONFIG).write_text(json.dumps(config))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("targets", ["(", [1, 2], {"q_proj": 1}, 3])
@@ -165,8 +166,8 @@ def test_item10_bad_target_modules_are_a_value_error(tmp_path, targets):
 
 def test_item10_a_deeply_nested_config_is_a_value_error(tmp_path):
     save_adapter(prepared(), tmp_path)
-    (tmp_path / CONFIG).write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match=CONFIG):
+    (tmp_path / ADAPTER_CONFIG).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=ADAPTER_CONFIG):
         load_adapter(prepared(), tmp_path)
 
 
@@ -175,8 +176,8 @@ def test_item10_float8_adapter_weights_load_or_fail_clearly(tmp_path, dtype):
     """float8 has no isfinite of its own: the values are checked after the cast."""
     model = prepared()
     save_adapter(model, tmp_path)
-    tensors = {k: v.to(dtype) for k, v in safetensors.load_file(tmp_path / WEIGHTS).items()}
-    safetensors.save_file(tensors, tmp_path / WEIGHTS)
+    tensors = {k: v.to(dtype) for k, v in safetensors.load_file(tmp_path / ADAPTER_WEIGHTS).items()}
+    safetensors.save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
     fresh = prepared(seed=1)
     load_adapter(fresh, tmp_path)
     for name, layer in adapter.lora_layers(fresh).items():
@@ -184,7 +185,7 @@ def test_item10_float8_adapter_weights_load_or_fail_clearly(tmp_path, dtype):
 
 
 # item 12: only regular files are read, within a cap, without blocking
-@pytest.mark.parametrize("which", [CONFIG, WEIGHTS])
+@pytest.mark.parametrize("which", [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 @pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "folder"])
 def test_item12_special_files_are_refused_without_reading_them(tmp_path, which, kind):
     save_adapter(prepared(), tmp_path)
@@ -202,7 +203,7 @@ def test_item12_special_files_are_refused_without_reading_them(tmp_path, which, 
 
 def test_item12_a_config_beyond_the_cap_is_refused(tmp_path):
     save_adapter(prepared(), tmp_path)
-    with open(tmp_path / CONFIG, "r+") as f:
+    with open(tmp_path / ADAPTER_CONFIG, "r+") as f:
         f.truncate(64 << 20)                       # sparse: 64 MiB of zeros, nothing written
     with pytest.raises(ValueError, match="more than"):
         load_adapter(prepared(), tmp_path)
