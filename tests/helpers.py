@@ -6,6 +6,8 @@ how they find this module; fixtures shared by several test files live in conftes
 import torch
 from torch import nn
 
+from minqlora import build
+
 from minqlora.bench.references import bnb_definition, probe_bnb_decode, same_bits  # noqa: F401
 
 
@@ -17,6 +19,17 @@ def gaussian(shape, seed=0, dtype=torch.float32):
 def bits(t):
     """The raw bits of a float tensor, so that -0.0 != 0.0 and NaN == NaN compare as bits."""
     return t.reshape(-1).view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
+
+
+def private_cache(tmp_path, monkeypatch):
+    """An empty build cache in tmp_path (never the user's, whose libraries this process has
+    mapped), no $CXX, and no library remembered from earlier calls; returns its folder (not
+    made yet). The `cache` fixture of the build-cache tests."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MINQLORA_CACHE", str(folder))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(build, "_BUILT", {})
+    return folder
 
 
 class Tiny(nn.Module):

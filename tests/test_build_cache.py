@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import private_cache
 from minqlora import build, emulate
 from minqlora.backends import dequantize_4bit
 from minqlora.quant_state import decode_4bit, quantize_4bit
@@ -23,13 +24,7 @@ from minqlora.quant_state import decode_4bit, quantize_4bit
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """An empty private cache in tmp_path (never the user's, whose libraries this process has
-    mapped), and no library remembered from earlier calls."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("MINQLORA_CACHE", str(folder))
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(build, "_BUILT", {})
-    return folder
+    return private_cache(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from minqlora import __main__ as cli
+from helpers import private_cache
 from minqlora import build, emulate
 from minqlora._checks import SetupError
 
@@ -22,11 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("MINQLORA_CACHE", str(folder))
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(build, "_BUILT", {})
-    return folder
+    return private_cache(tmp_path, monkeypatch)
 
 
 @pytest.fixture
