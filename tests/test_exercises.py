@@ -290,6 +290,82 @@ def test_lesson04_implement(capsys):
                 lambda q, a2, off: l04.dequantize_blockwise(q, a2, l04.DYNAMIC, 256))
 
 
+# ---------------------------------------------------------------- lesson 05
+from minqlora.exercises import lesson05 as l05  # noqa: E402
+
+
+def test_lesson05(capsys):
+    expect_right(capsys, l05.exercise_1, dict(blocks=1024, outputs_change=False))
+    expect_hint(capsys, l05.exercise_1, "blocks: how many", dict(blocks=2048, outputs_change=False))
+    expect_hint(capsys, l05.exercise_1, "outputs_change: does",
+                dict(blocks=1024, outputs_change=True))
+    expect_hint(capsys, l05.exercise_1, "True or False", dict(blocks=1024, outputs_change="no"))
+    moved = 8192 * 8192 // 2 + 8192 * 8192 // 64 + 4 * 8192 * 8192 // 64 // 256 + 4 \
+        + 2 * 8192 * 8192                                 # packed, qabsmax, absmax2, offset, bf16
+    expect_right(capsys, l05.exercise_3, dict(bytes=moved, microseconds=moved / 3.36e12 * 1e6))
+    expect_hint(capsys, l05.exercise_3, "bytes: packed", dict(bytes=moved - 4,
+                                                              microseconds=moved / 3.36e12 * 1e6))
+    expect_hint(capsys, l05.exercise_3, "microseconds: bytes /",
+                dict(bytes=moved, microseconds=moved / 4.8e12 * 1e6))     # at 100%, not 70%
+
+
+def f16_05(x, add=None, rebias=0x38000000):
+    """float32 -> float16 bits; add: what is added before the shift (None: to nearest even)."""
+    u = x.view(torch.int32)
+    a = u & 0x7FFFFFFF
+    r = a + (0xFFF + ((a >> 13) & 1) if add is None else add)
+    return ((u >> 16) & 0x8000) | (((r - rebias) >> 13) & 0x7FFF)
+
+
+def test_lesson05_f16(capsys):
+    expect_right(capsys, l05.exercise_2, f16_05)
+    expect_hint(capsys, l05.exercise_2, "the 13 dropped bits are cut off", lambda x: f16_05(x, 0))
+    expect_hint(capsys, l05.exercise_2, "to even), not away from zero",
+                lambda x: f16_05(x, 0x1000))
+    expect_hint(capsys, l05.exercise_2, "rebiases the exponent", lambda x: f16_05(x, rebias=0))
+    expect_hint(capsys, l05.exercise_2, "not float16 values", lambda x: x.to(torch.float16))
+    expect_hint(capsys, l05.exercise_2, "return a tensor of", lambda x: x[:-1].int())
+
+
+def lookup05(packed, absmax, code, blocksize, n, dtype, low_first=False, block=None,
+             scale=True, round_first=False, keep_pad=False):
+    """The per-block lookup decode, or one typical mistake of it."""
+    data = packed.reshape(-1).long()
+    pair = [data & 15, data >> 4] if low_first else [data >> 4, data & 15]
+    nibbles = torch.stack(pair, dim=1).reshape(-1)[: None if keep_pad else n]
+    i = torch.arange(nibbles.numel()).clamp(max=n - 1)
+    b = i // blocksize if block is None else block(i, blocksize, absmax.numel())
+    if round_first:
+        return code.to(dtype)[nibbles] * absmax.to(dtype)[b]
+    if not scale:
+        return code.to(dtype)[nibbles]
+    table = (code.float()[None, :] * absmax.float()[:, None]).to(dtype)     # (blocks, 16)
+    return table[b, nibbles]
+
+
+def test_lesson05_implement(capsys):
+    expect_right(capsys, l05.exercise_4, lookup05)
+    mistakes = {
+        "element 0 (the even weight) is the HIGH nibble": dict(low_first=True),
+        "counted in weights, not in bytes": dict(block=lambda i, bs, nb: i // 2 // bs),
+        "not tile the list of absmaxes (repeat)": dict(block=lambda i, bs, nb: i % nb),
+        "multiplied by the absmax of its block": dict(scale=False),
+        "rounding both first rounds twice": dict(round_first=True),
+        "expected 131 outputs, got 132 (an odd n leaves a padding nibble": dict(keep_pad=True),
+    }
+    for hint, mistake in mistakes.items():
+        expect_hint(capsys, l05.exercise_4, hint, lambda *a, m=mistake: lookup05(*a, **m))
+    expect_hint(capsys, l05.exercise_4, "return the dtype asked for, torch.bfloat16",
+                lambda *a: lookup05(*a).float())
+    expect_hint(capsys, l05.exercise_4, "wrong bits on FP4's table",          # NF4 hard-coded
+                lambda p, a, code, *rest: lookup05(p, a, l05.NF4, *rest))
+    expect_hint(capsys, l05.exercise_4, "RuntimeError: shape '[-1, 64]' is invalid for input "
+                "of size 200 (on a partial last block", lambda p, a, code, bs, n, dtype: (
+                    lookup05(p, a, code, bs, n, dtype).view(-1, bs).reshape(-1)))
+    expect_hint(capsys, l05.exercise_4, "return a tensor of the 64 weights, got list",
+                lambda *a: lookup05(*a).tolist())
+
+
 # ---------------------------------------------------------------- lesson 06
 from minqlora.exercises import lesson06 as l06  # noqa: E402
 

@@ -132,8 +132,9 @@ def all_close(values, targets, **tolerances) -> bool:
         close(a, b, **tolerances) for a, b in zip(mine, targets))
 
 
-def call(fn, name: str, *args):
-    """The learner's `fn(*args)`, or Stop: not a function yet, not implemented yet, or raised."""
+def call(fn, name: str, *args, on: str = None):
+    """The learner's `fn(*args)`, or Stop: not a function yet, not implemented yet, or raised
+    (saying `on` what input, when given)."""
     no_answer(fn)
     if not callable(fn):
         raise Stop(f"pass your function {name} itself (no parentheses), got {fn!r}.")
@@ -144,7 +145,8 @@ def call(fn, name: str, *args):
         raise Stop(f"not implemented yet. Write the body of {name} (in place of "
                    "`raise NotImplementedError`) and run the cell again.") from None
     except Exception as e:                                  # the learner's bug, reported as a hint
-        raise Stop(f"not yet.\n  hint: {name} raised {type(e).__name__}: {e}") from None
+        raise Stop(f"not yet.\n  hint: {name} raised {type(e).__name__}: {e}"
+                   + (f" (on {on})" if on else "")) from None
 
 
 def diagnose(mine, wrong: dict, same) -> list:
