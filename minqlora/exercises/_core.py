@@ -1,22 +1,29 @@
 """Verdicts, hints and answer validation shared by every lesson's checks.
 
-A check is a function `exercise_n(answer)` wrapped in `@exercise(n)`. It prints exactly one
-verdict and returns True only when the answer is right:
+A check is a function `exercise_n(answer)` wrapped in `@exercise(n)`. It gives one hint per
+mistake it finds: a question's check yields them (every mistake at once), an implement-it check
+returns them as a list (those of the first input it gets wrong); no hint (or True) means right.
+The decorator prints exactly one verdict and returns True only when the answer is right:
 
     Exercise n: right!
     Exercise n: not yet.          followed by one "hint:" line per mistake found
     Exercise n: no answer yet.    the answer is still None
     Exercise n: not implemented yet.   the learner's function still raises NotImplementedError
 
-Inside a check, `answer_dict`, `number`, `whole` and `call` stop the check with a message
-(raise `Stop`) when the answer has the wrong type, or the learner's function cannot be run.
+`@exercise(n, keys=[...])` first makes sure the answer is a dict holding those keys
+(`answer_dict`). Inside a check, `number`, `whole`, `choice` and `call` stop the check with a
+message (raise `Stop`) when the answer has the wrong type, or the learner's function cannot run.
 
->>> @exercise(7)
+>>> @exercise(7, keys=["bits"])
 ... def exercise_7(answer):
-...     answer = answer_dict(answer, ["bits"])
-...     return verdict(["bits: 4 per weight"] if number(answer, "bits") != 4 else [])
+...     if number(answer, "bits") != 4:
+...         yield "bits: 4 per weight"
 >>> exercise_7(None)
 Exercise 7: no answer yet. Set answer_7 as the exercise says and run the cell again.
+False
+>>> exercise_7(dict(bits=4.5))
+Exercise 7: not yet.
+  hint: bits: 4 per weight
 False
 >>> exercise_7(dict(bits=4))
 Exercise 7: right!
@@ -29,27 +36,32 @@ class Stop(Exception):
     """Ends a check early; its message (with {n} for the exercise number) is the verdict."""
 
 
-def exercise(n: int):
-    """Decorator: number the check's verdicts `n`; a `Stop` inside prints its message and gives
-    False."""
+def exercise(n: int, keys: list = None):
+    """Decorator: number the check's verdicts `n`; with `keys`, the answer must be a dict holding
+    them; the check's hints (yielded or returned) make the verdict; a `Stop` inside prints its
+    message and gives False."""
     def wrap(check):
         @functools.wraps(check)
         def run(*args, **kwargs):
             try:
-                ok = check(*args, **kwargs)
+                if keys is not None:
+                    args = (answer_dict(args[0], keys),) + args[1:]
+                given = check(*args, **kwargs)
+                hints = [] if given is True else list(given)     # a generator runs here
             except Stop as stop:
                 print(f"Exercise {n}: " + str(stop).replace("{n}", str(n)))
                 return False
-            print(f"Exercise {n}: right!" if ok is True else f"Exercise {n}: not yet.")
-            for hint in ([] if ok is True else ok):
+            print(f"Exercise {n}: not yet." if hints else f"Exercise {n}: right!")
+            for hint in hints:
                 print(f"  hint: {hint}")
-            return ok is True
+            return not hints
         return run
     return wrap
 
 
 def verdict(hints: list):
-    """True when no hint was collected, else the hints (the decorator prints them)."""
+    """True when no hint was collected, else the hints: what a check may return instead of
+    yielding its hints one by one."""
     return list(hints) if hints else True
 
 

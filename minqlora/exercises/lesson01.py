@@ -7,79 +7,66 @@ False
 import torch
 
 from ..absmax import absmax_dequantize, absmax_quantize
-from ._core import (Stop, all_close, answer_dict, call, choice, close, diagnose, exercise, number,
-                    numbers, verdict, whole)
+from ._core import Stop, all_close, call, close, diagnose, exercise, number, numbers, whole
 
 
-@exercise(1)
+@exercise(1, keys=["absmax", "q", "x_hat"])
 def exercise_1(answer):
     """answer = dict(absmax=..., q=[4 integers], x_hat=[4 values to 4 decimals])."""
-    answer = answer_dict(answer, ["absmax", "q", "x_hat"])
     x = torch.tensor([0.3, -1.2, 0.75, 0.05])
     q, absmax = absmax_quantize(x, bits=4)
-    hints = []
     if not close(number(answer, "absmax"), absmax.item()):
-        hints.append("absmax is the largest magnitude |x| in the tensor (a positive number)")
+        yield "absmax is the largest magnitude |x| in the tensor (a positive number)"
     if numbers(answer["q"]) != q.float().tolist():
-        hints.append("q = round(x / absmax * 7): scale so that absmax lands on 7, then round each "
-                     "value to the nearest integer")
+        yield ("q = round(x / absmax * 7): scale so that absmax lands on 7, then round each "
+               "value to the nearest integer")
     if not all_close(answer["x_hat"], absmax_dequantize(q, absmax, bits=4).tolist(), abs_tol=6e-5):
-        hints.append("x_hat = q * absmax / 7, for each of the four values, to 4 decimals")
-    return verdict(hints)
+        yield "x_hat = q * absmax / 7, for each of the four values, to 4 decimals"
 
 
-@exercise(2)
+@exercise(2, keys=["lowest", "highest", "count"])
 def exercise_2(answer):
     """answer = dict(lowest=..., highest=..., count=...): the int4 integers the 1000 weights use."""
-    answer = answer_dict(answer, ["lowest", "highest", "count"])
     w1 = torch.randn(1000, generator=torch.Generator().manual_seed(1))   # = manual_seed(1); randn
     q, _ = absmax_quantize(torch.cat([w1, torch.tensor([10.0])]), bits=4)
     used = q[:-1].unique()
-    hints = []
     if (whole(answer, "lowest") != used.min().item()
             or whole(answer, "highest") != used.max().item()):
-        hints.append("the outlier 10.0 is the absmax, so a weight w gets round(w * 7 / 10); apply "
-                     "that to the smallest and the largest of the 1000 weights")
+        yield ("the outlier 10.0 is the absmax, so a weight w gets round(w * 7 / 10); apply "
+               "that to the smallest and the largest of the 1000 weights")
     if whole(answer, "count", lowest=0) != used.numel():
-        hints.append("count the distinct integers of q without the outlier's own slot")
-    return verdict(hints)
+        yield "count the distinct integers of q without the outlier's own slot"
 
 
-@exercise(3)
+@exercise(3, keys=["choice", "worst_int8", "worst_int4"])
 def exercise_3(answer):
     """answer = dict(choice="a".."d", worst_int8=..., worst_int4=...) for x in [-1, 1]."""
-    answer = answer_dict(answer, ["choice", "worst_int8", "worst_int4"])
     if answer["choice"] not in ("a", "b", "c", "d"):
         raise Stop(f"answer_{{n}}['choice'] should be one of 'a', 'b', 'c', 'd', "
                    f"got {answer['choice']!r}.")
     bound = {bits: 1 / (2 * (2 ** (bits - 1) - 1)) for bits in (8, 4)}   # absmax = 1
-    hints = []
     if answer["choice"] != "b":
-        hints.append("the grid points are absmax / levels apart; how far can a value be from the "
-                     "nearer of its two neighbours?")
+        yield ("the grid points are absmax / levels apart; how far can a value be from the "
+               "nearer of its two neighbours?")
     for bits in (8, 4):
         if not 0.99 * bound[bits] <= number(answer, f"worst_int{bits}") <= bound[bits] * (1 + 1e-5):
-            hints.append(f"worst_int{bits}: measure max |x - x_hat| over torch.linspace(-1, 1, "
-                         f"100_001) quantized with bits={bits}")
-    return verdict(hints)
+            yield (f"worst_int{bits}: measure max |x - x_hat| over torch.linspace(-1, 1, "
+                   f"100_001) quantized with bits={bits}")
 
 
-@exercise(4)
+@exercise(4, keys=["predicted", "measured"])
 def exercise_4(answer):
     """answer = dict(predicted=..., measured=...): the RMSE of int4 on uniform values in [-1, 1]."""
-    answer = answer_dict(answer, ["predicted", "measured"])
     u = torch.rand(100_000, generator=torch.Generator().manual_seed(4)) * 2 - 1
     q, absmax = absmax_quantize(u, bits=4)
     measured = (u - absmax_dequantize(q, absmax, bits=4)).double().pow(2).mean().sqrt().item()
     predicted = (absmax.item() / 7) / 12 ** 0.5            # step s = absmax / levels
-    hints = []
     if not close(number(answer, "predicted"), predicted, rel=0.01):
-        hints.append("a uniform error on [-s/2, s/2] has variance s^2 / 12; the step s is "
-                     "absmax / 7")
+        yield ("a uniform error on [-s/2, s/2] has variance s^2 / 12; the step s is "
+               "absmax / 7")
     if not close(number(answer, "measured"), measured, rel=0.03):
-        hints.append("measured: quantize torch.rand(100_000) * 2 - 1 to int4 and take "
-                     "sqrt(mean((u - u_hat)^2))")
-    return verdict(hints)
+        yield ("measured: quantize torch.rand(100_000) * 2 - 1 to int4 and take "
+               "sqrt(mean((u - u_hat)^2))")
 
 
 def _cases():
@@ -142,4 +129,4 @@ def exercise_5(quantize, dequantize):
             if not any(h.startswith("dequantize") for h in hints):
                 hints.append("dequantize: x_hat = q * absmax / levels (levels = 2^(bits-1) - 1), "
                              f"wrong on {what}")
-    return verdict(list(dict.fromkeys(hints)))
+    return list(dict.fromkeys(hints))                       # each hint once

@@ -7,8 +7,7 @@ False
 import torch
 
 from ..blockwise import dequantize_blockwise, quantize_blockwise
-from ._core import (Stop, all_close, answer_dict, call, close, exercise, number, numbers, verdict,
-                    whole)
+from ._core import Stop, all_close, call, close, exercise, number, numbers, whole
 
 SMALL = torch.tensor([-1.0, -0.5, 0.0, 0.25, 1.0])         # section 3's uneven codebook
 INT4 = torch.arange(-7, 8, dtype=torch.float32) / 7         # mq.INT4 (lesson 03 names it)
@@ -33,102 +32,87 @@ def _reconstruct(x, blocksize, code=INT4):
     return dequantize_blockwise(q, absmax, code, blocksize)
 
 
-@exercise(1)
+@exercise(1, keys=["absmax", "q", "x_hat"])
 def exercise_1(answer):
     """answer = dict(absmax=[2 values], q=[8 indices], x_hat=[8 values])."""
-    answer = answer_dict(answer, ["absmax", "q", "x_hat"])
     x1 = torch.tensor([0.3, -0.6, 0.15, 0.0, 2.0, -0.5, 1.1, 0.9])
     q, absmax = quantize_blockwise(x1, SMALL, blocksize=4)
     scaled = (x1.view(2, 4) * (1 / absmax)[:, None]).reshape(-1)
     q_up = (scaled[:, None] >= (SMALL[:-1] + SMALL[1:]) / 2).sum(dim=1)   # ties sent up instead
-    hints = []
     if not all_close(answer["absmax"], absmax.tolist()):
-        hints.append("absmax: one per block of 4 values, the largest |x| of that block")
+        yield "absmax: one per block of 4 values, the largest |x| of that block"
     mine = numbers(answer["q"])
     if mine != q.float().tolist():
-        hints.append("q: look again at the value that lands exactly on a midpoint: a tie goes to "
-                     "the lower index" if mine == q_up.float().tolist() else
-                     "q: scale each block by 1/absmax, then count the midpoints of `small` "
-                     "strictly below each scaled value")
+        yield ("q: look again at the value that lands exactly on a midpoint: a tie goes to "
+               "the lower index" if mine == q_up.float().tolist() else
+               "q: scale each block by 1/absmax, then count the midpoints of `small` "
+               "strictly below each scaled value")
     if not all_close(answer["x_hat"], dequantize_blockwise(q, absmax, SMALL, 4).tolist()):
-        hints.append("x_hat: small[q] times the absmax of the value's own block")
-    return verdict(hints)
+        yield "x_hat: small[q] times the absmax of the value's own block"
 
 
-@exercise(2)
+@exercise(2, keys=["bits", "blocksize", "mb"])
 def exercise_2(answer):
     """answer = dict(bits=..., blocksize=a power of two, mb=...)."""
-    answer = answer_dict(answer, ["bits", "blocksize", "mb"])
     smallest = min(2**i for i in range(1, 20) if 32 / 2**i <= 0.1)
-    hints = []
     if not close(number(answer, "bits"), 4 + 32 / 64):
-        hints.append("bits: a 4-bit index per value, plus one float32 absmax (32 bits) shared by "
-                     "the 64 values of a block")
+        yield ("bits: a 4-bit index per value, plus one float32 absmax (32 bits) shared by "
+               "the 64 values of a block")
     if whole(answer, "blocksize", lowest=1, power_of_two=True) != smallest:
-        hints.append("blocksize: the constants cost 32 / blocksize bits per parameter; try the "
-                     "powers of two in turn")
+        yield ("blocksize: the constants cost 32 / blocksize bits per parameter; try the "
+               "powers of two in turn")
     if not close(number(answer, "mb"), 7e9 / 64 * 4 / 1e6):
-        hints.append("mb: 7e9 / 64 absmaxes of 4 bytes each, in units of 1e6 bytes")
-    return verdict(hints)
+        yield "mb: 7e9 / 64 absmaxes of 4 bytes each, in units of 1e6 bytes"
 
 
-@exercise(3)
+@exercise(3, keys=["midpoint", "at_midpoint", "just_above"])
 def exercise_3(answer):
     """answer = dict(midpoint=..., at_midpoint=index, just_above=index)."""
-    answer = answer_dict(answer, ["midpoint", "at_midpoint", "just_above"])
     m = (INT4[7] + INT4[8]) / 2
     above = torch.nextafter(m, torch.tensor(1.0))
     q, _ = quantize_blockwise(torch.stack([torch.tensor(1.0), m, above]), INT4, blocksize=4)
-    hints = []
     if not close(number(answer, "midpoint"), m.item(), rel=1e-6, abs_tol=0):
-        hints.append("midpoint: half-way between mq.INT4[7] (0) and mq.INT4[8] (1/7), in float32")
+        yield "midpoint: half-way between mq.INT4[7] (0) and mq.INT4[8] (1/7), in float32"
     if whole(answer, "at_midpoint", lowest=0) != q[1].item():
-        hints.append("at_midpoint: quantize a block such as [1.0, m] (absmax 1) and read m's "
-                     "index; section 3 says which way a tie goes")
+        yield ("at_midpoint: quantize a block such as [1.0, m] (absmax 1) and read m's "
+               "index; section 3 says which way a tie goes")
     if whole(answer, "just_above", lowest=0) != q[2].item():
-        hints.append("just_above: torch.nextafter(m, torch.tensor(1.0)) is the next float32 above "
-                     "m; which code is it nearer to?")
-    return verdict(hints)
+        yield ("just_above: torch.nextafter(m, torch.tensor(1.0)) is the next float32 above "
+               "m; which code is it nearer to?")
 
 
-@exercise(4)
+@exercise(4, keys=["changed", "blocks"])
 def exercise_4(answer):
     """answer = dict(changed=..., blocks=[block indices])."""
-    answer = answer_dict(answer, ["changed", "blocks"])
     g = torch.randn(4096, generator=torch.Generator().manual_seed(4))  # = manual_seed(4); randn
     g_out = g.clone()
     g_out[1000] = 100.0
     changed = (_reconstruct(g, 64) != _reconstruct(g_out, 64)).nonzero().flatten()
-    hints = []
     if numbers(answer["blocks"]) != sorted(set((changed // 64).float().tolist())):
-        hints.append("blocks: value 1000 lies in block 1000 // 64; does any other block's absmax "
-                     "change?")
+        yield ("blocks: value 1000 lies in block 1000 // 64; does any other block's absmax "
+               "change?")
     if whole(answer, "changed", lowest=0) != changed.numel():
-        hints.append("changed: count the positions where the two reconstructions differ, "
-                     "(before != after).sum(); not every value of the block has to move")
-    return verdict(hints)
+        yield ("changed: count the positions where the two reconstructions differ, "
+               "(before != after).sum(); not every value of the block has to move")
 
 
-@exercise(5)
+@exercise(5, keys=["plain", "outliers", "why"])
 def exercise_5(answer):
     """answer = dict(plain=..., outliers=..., why="a", "b" or "c"): RMSE growth from 64 to 4096."""
-    answer = answer_dict(answer, ["plain", "outliers", "why"])
     if answer["why"] not in ("a", "b", "c"):
         raise Stop(f"answer_{{n}}['why'] should be 'a', 'b' or 'c', got {answer['why']!r}.")
     tensors = {"plain": torch.randn(2**20, generator=torch.Generator().manual_seed(5)),
                "outliers": _with_outliers(2**20, seed=8)}                  # section 8's w
-    hints = []
     for name, t in tensors.items():
         growth = _rmse(t, _reconstruct(t, 4096)) / _rmse(t, _reconstruct(t, 64))
         if not close(number(answer, name), growth, rel=0.03):
-            hints.append(f"{name}: the RMSE at blocksize 4096 divided by the RMSE at blocksize 64, "
-                         "on " + ("torch.randn(2**20) after torch.manual_seed(5)"
-                                  if name == "plain" else "section 8's w"))
+            yield (f"{name}: the RMSE at blocksize 4096 divided by the RMSE at blocksize 64, "
+                   "on " + ("torch.randn(2**20) after torch.manual_seed(5)"
+                            if name == "plain" else "section 8's w"))
     if answer["why"] != "b":
-        hints.append("why: compare the plain Gaussian's mean block absmax at 64 and at 4096 (the "
-                     "second output of mq.quantize_blockwise), and count the blocks of 4096 in w "
-                     "that hold a value of 8 or more")
-    return verdict(hints)
+        yield ("why: compare the plain Gaussian's mean block absmax at 64 and at 4096 (the "
+               "second output of mq.quantize_blockwise), and count the blocks of 4096 in w "
+               "that hold a value of 8 or more")
 
 
 def _cases():

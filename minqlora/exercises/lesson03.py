@@ -9,7 +9,7 @@ import torch
 
 from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..nf4 import CODES, NF4_OFFSET, nf4_code, pack_4bit
-from ._core import answer_dict, call, choice, exercise, no_answer, number, numbers, verdict
+from ._core import call, choice, exercise, no_answer, number
 
 OFFSETS = [0.90, 0.93, 0.95, 0.9677083, 0.98, 0.99]
 
@@ -21,27 +21,24 @@ def _relative_rmse(w, quant_type):
     return ((w - w_hat).pow(2).mean().sqrt() / w.std()).item()
 
 
-@exercise(1)
+@exercise(1, keys=["normal", "laplace", "uniform", "why"])
 def exercise_1(answer):
     """answer = dict(normal=..., laplace=..., uniform=..., why=...): the winner ("nf4" or "int4")
     on each distribution, and the choice "a", "b" or "c" that explains it."""
-    answer = answer_dict(answer, ["normal", "laplace", "uniform", "why"])
     g = torch.Generator().manual_seed(40)                 # its own draws: your seed is not needed
     n = 512 * 512
     samples = {"normal": torch.randn(n, generator=g),
                "laplace": (torch.empty(n).exponential_(generator=g)
                            - torch.empty(n).exponential_(generator=g)),
                "uniform": torch.rand(n, generator=g) * 2 - 1}
-    hints = []
     for dist, w in samples.items():
         winner = min(["nf4", "int4"], key=lambda qt: _relative_rmse(w, qt))
         if str(choice(answer, dist, ["nf4", "int4"])).lower() != winner:
-            hints.append(f"{dist}: compare RMSE / std of the two codebooks again (the smaller "
-                         "wins)")
+            yield (f"{dist}: compare RMSE / std of the two codebooks again (the smaller "
+                   "wins)")
     if choice(answer, "why", ["a", "b", "c"]) != "b":
-        hints.append("why: a codebook does well where its codes are dense where the values are "
-                     "dense")
-    return verdict(hints)
+        yield ("why: a codebook does well where its codes are dense where the values are "
+               "dense")
 
 
 _sweep = {}
@@ -59,23 +56,20 @@ def _offset_sweep():
     return _sweep
 
 
-@exercise(2)
+@exercise(2, keys=["best_offset", "why"])
 def exercise_2(answer):
     """answer = dict(best_offset=..., why=...): the offset of the sweep with the lowest RMSE,
     and the choice "a", "b" or "c" that explains it."""
-    answer = answer_dict(answer, ["best_offset", "why"])
     sweep = _offset_sweep()
     best = number(answer, "best_offset")
-    hints = []
     if best not in sweep:
-        hints.append("best_offset must be one of the six offsets of the sweep")
+        yield "best_offset must be one of the six offsets of the sweep"
     elif sweep[best] != min(sweep.values()):
-        hints.append("best_offset: measure the RMSE for every offset on the seeded weight and take "
-                     "the smallest")
+        yield ("best_offset: measure the RMSE for every offset on the seeded weight and take "
+               "the smallest")
     if choice(answer, "why", ["a", "b", "c"]) != "a":
-        hints.append("why: what does NF4's construction make equal, and is that the same as a "
-                     "small squared error? What does a block of 64 map to 1?")
-    return verdict(hints)
+        yield ("why: what does NF4's construction make equal, and is that the same as a "
+               "small squared error? What does a block of 64 map to 1?")
 
 
 @exercise(3)
@@ -97,7 +91,7 @@ def exercise_3(answer):
                      "(index[0] << 4) | index[1]")
     if mine[1] != expected[1]:
         hints.append("byte 1 holds index 2 and a padding index 0 (an odd count is padded)")
-    return verdict(hints)
+    return hints
 
 
 def _diagnose(code):

@@ -9,7 +9,7 @@ import torch
 from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..double_quant import DYNAMIC, double_dequantize, double_quantize
 from ..quant_state import decode_4bit, quantize_4bit
-from ._core import Stop, answer_dict, call, choice, close, exercise, number, verdict, whole
+from ._core import Stop, call, choice, close, exercise, number, whole
 
 
 def _section2_weight():
@@ -21,63 +21,54 @@ def _rmse(a, b):
     return (a - b).pow(2).mean().sqrt().item()
 
 
-@exercise(1)
+@exercise(1, keys=["b128", "b128_dq", "b32", "b32_dq"])
 def exercise_1(answer):
     """answer = dict(b128=..., b128_dq=..., b32=..., b32_dq=...): bits per weight."""
-    keys = ["b128", "b128_dq", "b32", "b32_dq"]
-    answer = answer_dict(answer, keys)
     w_ = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(2))
-    hints = []
-    for key in keys:
+    for key in ["b128", "b128_dq", "b32", "b32_dq"]:
         blocksize, dq = int(key[1:].split("_")[0]), key.endswith("_dq")
         bits = quantize_4bit(w_, blocksize=blocksize, double_quant=dq)[1].bits_per_param()
         if not close(number(answer, key), bits, rel=0, abs_tol=6e-5):
             parts = (f"an 8-bit qabsmax per block of {blocksize} and a float32 absmax2 per 256 "
                      "blocks" if dq else f"a float32 absmax per block of {blocksize}")
-            hints.append(f"{key}: 4 bits of index plus {parts}, spread over the weights (to 4 "
-                         "decimals or more)")
-    return verdict(hints)
+            yield (f"{key}: 4 bits of index plus {parts}, spread over the weights (to 4 "
+                   "decimals or more)")
 
 
-@exercise(2)
+@exercise(2, keys=["used", "ratio", "why"])
 def exercise_2(answer):
     """answer = dict(used=..., ratio=..., why="a", "b" or "c")."""
-    answer = answer_dict(answer, ["used", "ratio", "why"])
     absmax_ = _section2_weight().reshape(-1, 64).abs().amax(dim=1)
     q_raw, absmax2_raw = quantize_blockwise(absmax_, DYNAMIC, blocksize=256)
     raw = dequantize_blockwise(q_raw, absmax2_raw, DYNAMIC, 256)
     with_offset = double_dequantize(*double_quantize(absmax_))
-    hints = []
     if whole(answer, "used", lowest=0) != len(torch.unique(q_raw)):
-        hints.append("used: quantize section 2's absmax with quantize_blockwise(absmax, "
-                     "DYNAMIC, 256) and count the distinct indices (torch.unique)")
+        yield ("used: quantize section 2's absmax with quantize_blockwise(absmax, "
+               "DYNAMIC, 256) and count the distinct indices (torch.unique)")
     ratio = _rmse(raw, absmax_) / _rmse(with_offset, absmax_)
     if not close(number(answer, "ratio"), ratio, rel=0.05):
-        hints.append("ratio: the absmaxes' RMSE without the offset divided by their RMSE with it "
-                     "(section 4's absmax_hat)")
+        yield ("ratio: the absmaxes' RMSE without the offset divided by their RMSE with it "
+               "(section 4's absmax_hat)")
     if choice(answer, "why", ["a", "b", "c"]) != "a":
-        hints.append("why: look at where the scaled absmaxes land in [-1, 1] without the offset, "
-                     "and at the gaps of the dynamic map there (section 3)")
-    return verdict(hints)
+        yield ("why: look at where the scaled absmaxes land in [-1, 1] without the offset, "
+               "and at the gaps of the dynamic map there (section 3)")
 
 
-@exercise(3)
+@exercise(3, keys=["rmse_256", "rmse_64_dq", "smaller"])
 def exercise_3(answer):
     """answer = dict(rmse_256=..., rmse_64_dq=..., smaller="a" or "b")."""
-    answer = answer_dict(answer, ["rmse_256", "rmse_64_dq", "smaller"])
     choice(answer, "smaller", ["a", "b"])
     w_ = _section2_weight()
-    errors, hints = {}, []
+    errors = {}
     for key, blocksize, dq in [("rmse_256", 256, False), ("rmse_64_dq", 64, True)]:
         errors[key] = _rmse(w_, decode_4bit(*quantize_4bit(w_, blocksize=blocksize,
                                                                  double_quant=dq)))
         if not close(number(answer, key), errors[key], rel=0.01):
-            hints.append(f"{key}: quantize W with quantize_4bit(W, blocksize={blocksize}, "
-                         f"double_quant={dq}), decode with decode_4bit and take "
-                         "sqrt(mean((W - W_hat)^2))")
+            yield (f"{key}: quantize W with quantize_4bit(W, blocksize={blocksize}, "
+                   f"double_quant={dq}), decode with decode_4bit and take "
+                   "sqrt(mean((W - W_hat)^2))")
     if answer["smaller"] != ("b" if errors["rmse_64_dq"] < errors["rmse_256"] else "a"):
-        hints.append("smaller: put your two RMSEs side by side")
-    return verdict(hints)
+        yield "smaller: put your two RMSEs side by side"
 
 def _cases():
     """(what, absmax): the absmaxes the learner's double quantization must get right."""

@@ -16,23 +16,19 @@ from ..double_quant import constants_nbytes
 from ..launch import grid, kernel_source
 from ..nf4 import FP4, NF4
 from ..quant_state import QuantState, decode_4bit
-from ._core import (Stop, answer_dict, call, choice, close, diagnose, exercise, number, verdict,
-                    whole)
+from ._core import Stop, call, choice, close, diagnose, exercise, number, whole
 
 
-@exercise(1)
+@exercise(1, keys=["blocks", "outputs_change"])
 def exercise_1(answer):
     """answer = dict(blocks=grid for 4096 x 4096 at 32 bytes per thread, outputs_change=bool)."""
-    answer = answer_dict(answer, ["blocks", "outputs_change"])
     edited = kernel_source().replace("#define BYTES_PER_THREAD 16", "#define BYTES_PER_THREAD 32")
-    hints = []
     if whole(answer, "blocks", lowest=0) != grid(4096 * 4096, edited)[0]:
-        hints.append("blocks: how many weights does one thread own now, and one block of 256 "
-                     "threads? Divide 4096 * 4096 by that, rounding up")
+        yield ("blocks: how many weights does one thread own now, and one block of 256 "
+               "threads? Divide 4096 * 4096 by that, rounding up")
     if choice(answer, "outputs_change", [True, False]) is not False:
-        hints.append("outputs_change: does any thread compute a weight differently, or only more "
-                     "of them? Run the edited source through emulate.launch_emulation and compare")
-    return verdict(hints)
+        yield ("outputs_change: does any thread compute a weight differently, or only more "
+               "of them? Run the edited source through emulate.launch_emulation and compare")
 
 
 def _f16_bits(values: torch.Tensor, mistake: str = None) -> torch.Tensor:
@@ -80,21 +76,18 @@ def exercise_2(to_f16_bits):
     return True
 
 
-@exercise(3)
+@exercise(3, keys=["bytes", "microseconds"])
 def exercise_3(answer):
     """answer = dict(bytes=moved by a nested 8192 x 8192 -> bf16 dequantization, microseconds)."""
-    answer = answer_dict(answer, ["bytes", "microseconds"])
     n = 8192 * 8192
     moved = (n + 1) // 2 + constants_nbytes(n, 64, double_quant=True) + 2 * n
-    hints = []
     microseconds = number(answer, "microseconds")
     if whole(answer, "bytes", lowest=0) != moved:
-        hints.append("bytes: packed (half a byte per weight) + one qabsmax byte per 64 weights + "
-                     "4 bytes of absmax2 per 256 blocks + a 4-byte offset + 2 bytes written per "
-                     "weight")
+        yield ("bytes: packed (half a byte per weight) + one qabsmax byte per 64 weights + "
+               "4 bytes of absmax2 per 256 blocks + a 4-byte offset + 2 bytes written per "
+               "weight")
     if not close(microseconds, moved / (0.7 * 4.8e12) * 1e6, rel=1e-2):
-        hints.append("microseconds: bytes / (0.7 * 4.8e12 bytes per second), times 1e6")
-    return verdict(hints)
+        yield "microseconds: bytes / (0.7 * 4.8e12 bytes per second), times 1e6"
 
 
 def _decode_cases():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..lora import LoRALinear
-from ._core import Stop, answer_dict, call, choice, exercise, number, numbers, verdict, whole
+from ._core import Stop, call, choice, exercise, number, whole
 
 RANKS = [8, 32, 128]                                  # section 4's ranks
 
@@ -31,32 +31,28 @@ def _first_step_change(r, scaling, batch, trials=16, lr=1e-3):
     return sum(changes) / trials
 
 
-@exercise(1)
+@exercise(1, keys=["trainable", "fraction"])
 def exercise_1(answer):
     """answer = dict(trainable=..., fraction=...): LoRA r=64 on a Llama-7B block's seven linears."""
-    answer = answer_dict(answer, ["trainable", "fraction"])
     shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
     layers = [LoRALinear(nn.Linear(i, o, bias=False, device="meta"), r=64) for i, o in shapes]
     trainable = sum(p.numel() for m in layers for p in m.parameters() if p.requires_grad)
     block = sum(i * o for i, o in shapes)
-    hints = []
     if whole(answer, "trainable", lowest=0) != trainable:
-        hints.append("each linear (in -> out) gets r * (in + out) adapter numbers; sum over all "
-                     "seven")
+        yield ("each linear (in -> out) gets r * (in + out) adapter numbers; sum over all "
+               "seven")
     fraction = number(answer, "fraction")
     if not 0 <= fraction <= 1:
         raise Stop(f"answer_{{n}}['fraction'] should be between 0 and 1 (not a percentage), "
                    f"got {fraction}.")
     if abs(fraction - trainable / block) > 0.01 * trainable / block:
-        hints.append("fraction: trainable numbers / the block's weights (sum of in * out), as a "
-                     "number between 0 and 1, not a percentage")
-    return verdict(hints)
+        yield ("fraction: trainable numbers / the block's weights (sum of in * out), as a "
+               "number between 0 and 1, not a percentage")
 
 
-@exercise(2)
+@exercise(2, keys=["A_moved", "B_moved", "why"])
 def exercise_2(answer):
     """answer = dict(A_moved=True/False, B_moved=True/False, why="a", "b" or "c")."""
-    answer = answer_dict(answer, ["A_moved", "B_moved", "why"])
     g = torch.Generator().manual_seed(20)
     x_, t_ = torch.randn(8, 16, generator=g), torch.randn(8, 12, generator=g)
     A_, B_ = torch.zeros(4, 16, requires_grad=True), torch.zeros(12, 4, requires_grad=True)
@@ -67,19 +63,16 @@ def exercise_2(answer):
         opt_.step()
     for key in ("A_moved", "B_moved"):
         choice(answer, key, [True, False])
-    hints = []
     if (answer["A_moved"] != bool(A_.abs().max() > 0)
             or answer["B_moved"] != bool(B_.abs().max() > 0)):
-        hints.append("run a few Adam steps with A = B = 0 and look at A.abs().max(), B.abs().max()")
+        yield "run a few Adam steps with A = B = 0 and look at A.abs().max(), B.abs().max()"
     if choice(answer, "why", ["a", "b", "c"]) != "a":
-        hints.append("why: write out dL/dA and dL/dB from section 2: what does each depend on?")
-    return verdict(hints)
+        yield "why: write out dL/dA and dL/dB from section 2: what does each depend on?"
 
 
-@exercise(3)
+@exercise(3, keys=["trend", "steadier"])
 def exercise_3(answer):
     """answer = dict(trend="grows", "stays" or "shrinks", steadier="alpha/r" or "alpha/sqrt(r)")."""
-    answer = answer_dict(answer, ["trend", "steadier"])
     choice(answer, "trend", ["grows", "stays", "shrinks"])
     if str(answer["steadier"]).replace(" ", "") not in ("alpha/r", "alpha/sqrt(r)"):
         raise Stop("answer_{n}['steadier'] should be 'alpha/r' or 'alpha/sqrt(r)', "
@@ -89,13 +82,11 @@ def exercise_3(answer):
     trend = ("grows" if by_r[-1] > 1.3 * by_r[0] else "shrinks" if by_r[-1] < by_r[0] / 1.3
              else "stays")
     steadier = "alpha/r" if max(by_r) / min(by_r) < max(by_sqrt) / min(by_sqrt) else "alpha/sqrt(r)"
-    hints = []
     if answer["trend"] != trend:
-        hints.append("trend: run first_step_change(r, lambda r: 16 / r, batch=64) for r in "
-                     "ranks and compare r = 8 with r = 128")
+        yield ("trend: run first_step_change(r, lambda r: 16 / r, batch=64) for r in "
+               "ranks and compare r = 8 with r = 128")
     if str(answer["steadier"]).replace(" ", "") != steadier:
-        hints.append("steadier: compare largest / smallest over the ranks for the two scalings")
-    return verdict(hints)
+        yield "steadier: compare largest / smallest over the ranks for the two scalings"
 
 def _cases():
     """(what, x, W, b, A, B, alpha, r): the layers the learner's LoRA must get right."""

@@ -12,7 +12,7 @@ from ..linear4bit import Linear4bit
 from ..nf4 import NF4
 from ..qlora import trainable_summary
 from ..quant_state import quantize_4bit
-from ._core import Stop, answer_dict, call, choice, exercise, number, numbers, verdict, whole
+from ._core import Stop, choice, exercise, number, whole
 
 
 def _section1_layers():
@@ -24,26 +24,22 @@ def _section1_layers():
     return linear, Linear4bit.from_linear(linear)
 
 
-@exercise(1)
+@exercise(1, keys=["fp4_128", "nf4_128_dq"])
 def exercise_1(answer):
     """answer = dict(fp4_128=..., nf4_128_dq=...): bits per weight of the two layers."""
-    answer = answer_dict(answer, ["fp4_128", "nf4_128_dq"])
-    hints = []
     for key, quant_type, dq in [("fp4_128", "fp4", False), ("nf4_128_dq", "nf4", True)]:
         layer = Linear4bit(1024, 1024, bias=False, quant_type=quant_type, blocksize=128,
                            double_quant=dq)
         measured = trainable_summary(layer).bits_per_4bit_param      # includes the code table
         if not abs(number(answer, key) - measured) < 1e-3:           # by hand or measured: fine
-            hints.append(f"{key}: 4 bits per index, plus the constants of a block of 128 shared by "
-                         "its 128 weights" + (": an 8-bit absmax per block and a float32 absmax2 "
-                                              "per 256 blocks" if dq else ": one float32 absmax"))
-    return verdict(hints)
+            yield (f"{key}: 4 bits per index, plus the constants of a block of 128 shared by "
+                   "its 128 weights" + (": an 8-bit absmax per block and a float32 absmax2 "
+                                        "per 256 blocks" if dq else ": one float32 absmax"))
 
 
-@exercise(2)
+@exercise(2, keys=["bf16", "fp32", "weight", "why"])
 def exercise_2(answer):
     """answer = dict(bf16=..., fp32=..., weight=..., why="a", "b" or "c"): relative errors."""
-    answer = answer_dict(answer, ["bf16", "fp32", "weight", "why"])
     why = choice(answer, "why", ["a", "b", "c"])
     state = torch.get_rng_state()
     linear, layer4 = _section1_layers()
@@ -53,35 +49,30 @@ def exercise_2(answer):
     relative = lambda y: ((y.double() - reference).norm() / reference.norm()).item()  # noqa: E731
     with torch.no_grad():
         bf16_error, weight_error = relative(layer4(x)), relative(linear(x))
-    hints = []
     if not bf16_error / 3 < number(answer, "bf16") < 3 * bf16_error:
-        hints.append("bf16: the relative error of layer4 (bf16 compute) against a float64 matmul "
-                     "with the same dequantized weight, ||y - y64|| / ||y64||")
+        yield ("bf16: the relative error of layer4 (bf16 compute) against a float64 matmul "
+               "with the same dequantized weight, ||y - y64|| / ||y64||")
     if not 0 <= number(answer, "fp32") < 1e-5:
-        hints.append("fp32: the same with a Linear4bit built with compute_dtype=torch.float32")
+        yield "fp32: the same with a Linear4bit built with compute_dtype=torch.float32"
     if not weight_error / 1.5 < number(answer, "weight") < 1.5 * weight_error:
-        hints.append("weight: the float32 layer with the original weight, against the same float64 "
-                     "reference: the error that 4-bit storage itself makes")
+        yield ("weight: the float32 layer with the original weight, against the same float64 "
+               "reference: the error that 4-bit storage itself makes")
     if why != "b":
-        hints.append("why: put the three numbers next to each other: which error dominates?")
-    return verdict(hints)
+        yield "why: put the three numbers next to each other: which error dominates?"
 
 
-@exercise(3)
+@exercise(3, keys=["changed", "keeps_float32"])
 def exercise_3(answer):
     """answer = dict(changed=..., keeps_float32=True or False)."""
-    answer = answer_dict(answer, ["changed", "keeps_float32"])
     keeps_answer = choice(answer, "keeps_float32", [True, False])
     changed = int((NF4.to(torch.bfloat16).float() != NF4).sum())
     cast = Linear4bit.from_linear(nn.Linear(32, 16, bias=False)).to(torch.bfloat16)
     keeps = cast.code.dtype == cast.absmax2.dtype == cast.offset.dtype == torch.float32
-    hints = []
     if whole(answer, "changed", lowest=0) != changed:
-        hints.append("changed: round mq.NF4 to bf16 and back, and count the values that differ")
+        yield "changed: round mq.NF4 to bf16 and back, and count the values that differ"
     if keeps_answer != keeps:
-        hints.append("keeps_float32: build a Linear4bit, call .to(torch.bfloat16) and look at the "
-                     "dtypes of its buffers")
-    return verdict(hints)
+        yield ("keeps_float32: build a Linear4bit, call .to(torch.bfloat16) and look at the "
+               "dtypes of its buffers")
 
 
 def _cases():

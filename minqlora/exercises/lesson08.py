@@ -8,7 +8,7 @@ import torch
 
 from ..paged_adam import PagedAdamW
 from ..pager import OutOfBudget, Pager
-from ._core import Stop, answer_dict, call, choice, close, exercise, number, verdict, whole
+from ._core import Stop, call, choice, close, exercise, number, whole
 
 
 @exercise(1)
@@ -42,10 +42,9 @@ def exercise_2(answer):
         "a smaller budget still steps: the whole state never needs to be on the device at once"]
 
 
-@exercise(3)
+@exercise(3, keys=["page_ins", "why"])
 def exercise_3(answer):
     """answer = dict(page_ins=per step once under way, why="a", "b" or "c")."""
-    answer = answer_dict(answer, ["page_ins", "why"])
     why = choice(answer, "why", ["a", "b", "c"])
     w = torch.nn.Parameter(torch.ones(1000))
     pager = Pager(4000, page_bytes=256, device="cpu")         # half of the 8000 bytes of state
@@ -56,33 +55,28 @@ def exercise_3(answer):
         before = pager.page_ins
         opt.step()
         ins.append(pager.page_ins - before)
-    hints = []
     if whole(answer, "page_ins", lowest=0) != ins[-1]:
-        hints.append("page_ins: step a few times and read the difference of pager.page_ins "
-                     "around one opt.step() after the first")
+        yield ("page_ins: step a few times and read the difference of pager.page_ins "
+               "around one opt.step() after the first")
     if why != "a":
-        hints.append("why: in which order does a step touch the pages, and which page does LRU "
-                     "evict when it needs room?")
-    return verdict(hints)
+        yield ("why: in which order does a step touch the pages, and which page does LRU "
+               "evict when it needs room?")
 
 
-@exercise(4)
+@exercise(4, keys=["small", "large", "why"])
 def exercise_4(answer):
     """answer = dict(small=..., large=..., why="a", "b" or "c"): how far the weights move."""
-    answer = answer_dict(answer, ["small", "large", "why"])
     why = choice(answer, "why", ["a", "b", "c"])
-    hints = []
     for key, scale in (("small", 1e-3), ("large", 1e3)):
         w = torch.nn.Parameter(torch.zeros(5))
         w.grad = torch.randn(5, generator=torch.Generator().manual_seed(4)) * scale
         PagedAdamW([w], lr=0.1, weight_decay=0.0).step()
         if not close(number(answer, key), w.detach().abs().max().item()):
-            hints.append(f"{key}: start from zeros, give gradients of size {scale:g}, take one "
-                         "step with lr=0.1 and weight_decay=0, and read |w|")
+            yield (f"{key}: start from zeros, give gradients of size {scale:g}, take one "
+                   "step with lr=0.1 and weight_decay=0, and read |w|")
     if why != "a":
-        hints.append("why: write m_hat and v_hat after one step from zero state, with the bias "
-                     "correction of section 1")
-    return verdict(hints)
+        yield ("why: write m_hat and v_hat after one step from zero state, with the bias "
+               "correction of section 1")
 
 
 def _adamw(p, g, m, v, t, lr, beta1, beta2, eps, wd, mistake=None):

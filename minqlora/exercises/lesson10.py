@@ -16,7 +16,7 @@ from ..checkpoint import save_4bit
 from ..linear4bit import Linear4bit
 from ..qlora import prepare_qlora
 from ..toy import ToyLM
-from ._core import Stop, answer_dict, call, close, diagnose, exercise, number, verdict, whole
+from ._core import Stop, call, close, diagnose, exercise, number, whole
 
 N = 4096 * 4096
 
@@ -146,24 +146,21 @@ def _toy_fraction():
         return adapter / (Path(tmp) / "base.safetensors").stat().st_size
 
 
-@exercise(3)
+@exercise(3, keys=["toy", "at_scale"])
 def exercise_3(answer):
     """answer = dict(toy=adapter / base file sizes, at_scale=the same for 4096 x 4096 at r=64)."""
-    answer = answer_dict(answer, ["toy", "at_scale"])
     toy, at_scale = number(answer, "toy"), number(answer, "at_scale")
     want = _toy_fraction()
-    hints = []
     if close(toy, 1 / want, rel=0.01):
-        hints.append("toy: adapter / base, not base / adapter")
+        yield "toy: adapter / base, not base / adapter"
     elif not close(toy, want, rel=0.01):
-        hints.append("toy: divide the two sizes in bytes (Path.stat().st_size), adapter / base; "
-                     "the adapter is a folder: count both of its files")
+        yield ("toy: divide the two sizes in bytes (Path.stat().st_size), adapter / base; "
+               "the adapter is a folder: count both of its files")
     adapter_bytes = 4 * 64 * (4096 + 4096)                # float32 A (64 x 4096) and B (4096 x 64)
     if close(at_scale, adapter_bytes / 2 / _file_bytes(), rel=0.01):
-        hints.append("at_scale: A is r x 4096 and B is 4096 x r, both float32 (4 bytes)")
+        yield "at_scale: A is r x 4096 and B is 4096 x r, both float32 (4 bytes)"
     elif close(at_scale, adapter_bytes / (2 * N), rel=0.01):
-        hints.append("at_scale: divide by the 4-bit layer's bytes (exercise 1), not the 16-bit "
-                     "one's")
+        yield ("at_scale: divide by the 4-bit layer's bytes (exercise 1), not the 16-bit "
+               "one's")
     elif not close(at_scale, adapter_bytes / _file_bytes(), rel=0.01):
-        hints.append("at_scale: (bytes of float32 A and B at r = 64) / (exercise 1's bytes)")
-    return verdict(hints)
+        yield "at_scale: (bytes of float32 A and B at r = 64) / (exercise 1's bytes)"

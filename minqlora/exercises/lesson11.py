@@ -12,14 +12,12 @@ from ..codebooks import _below, expected_mse, lloyd_max_code
 from ..compare import compare
 from ..nf4 import NF4
 from ..quant_state import quantize_4bit
-from ._core import (Stop, answer_dict, call, choice, exercise, no_answer, number, numbers, verdict,
-                    whole)
+from ._core import Stop, call, choice, exercise, no_answer, numbers, whole
 
 
-@exercise(1)
+@exercise(1, keys=["code", "closer_at"])
 def exercise_1(answer):
     """answer = dict(code=[16 sorted values], closer_at=64 or 256)."""
-    answer = answer_dict(answer, ["code", "closer_at"])
     closer_at = choice(answer, "closer_at", [64, 256])
     code = numbers(answer["code"] if not isinstance(answer["code"], torch.Tensor)
                    else answer["code"].reshape(-1))
@@ -38,7 +36,7 @@ def exercise_1(answer):
     if closer_at != min(gaps, key=gaps.get):
         hints.append("closer_at: compare mq.expected_mse(mq.NF4, B) / mq.expected_mse(your "
                      "Lloyd-Max code, B) at B = 64 and at B = 256")
-    return verdict(hints)
+    return hints
 
 
 @exercise(2)
@@ -61,23 +59,20 @@ def exercise_2(answer):
             "not (spread evenly over an interval)"]
 
 
-@exercise(3)
+@exercise(3, keys=["blocksize", "lower_error"])
 def exercise_3(answer):
     """answer = dict(blocksize=a power of two, lower_error="NF4+DQ" or "NVFP4")."""
-    answer = answer_dict(answer, ["blocksize", "lower_error"])
     blocksize = whole(answer, "blocksize", lowest=2, power_of_two=True)
     lower = choice(answer, "lower_error", ["NF4+DQ", "NVFP4"])
     nf4_dq = 4 + 8 / 64 + 32 / (64 * 256)
-    hints = []
     if abs(4 + 8 / blocksize - nf4_dq) >= 0.01:
-        hints.append("blocksize: both spend one byte per block; solve 8 / B = 8/64 + 32/(64 * 256) "
-                     "and take the power of two nearest the answer")
+        yield ("blocksize: both spend one byte per block; solve 8 / B = 8/64 + 32/(64 * 256) "
+               "and take the power of two nearest the answer")
     gauss = torch.randn(256, 1024, generator=torch.Generator().manual_seed(3))
     errors = compare(gauss, blocksizes=(64,), formats=("NF4+DQ", "NVFP4"))
     if lower != min(("NF4+DQ", "NVFP4"), key=lambda f: errors[f, 64][0]):
-        hints.append("lower_error: compare(gauss, blocksizes=(64,), formats=('NF4+DQ', 'NVFP4')) "
-                     "and read the two relative errors")
-    return verdict(hints)
+        yield ("lower_error: compare(gauss, blocksizes=(64,), formats=('NF4+DQ', 'NVFP4')) "
+               "and read the two relative errors")
 
 
 def _grid(blocksize, cells=4000):
