@@ -19,6 +19,10 @@ The last block may be partial; it gets its own absmax. An all-zero block stores 
 decodes to zeros (never NaN): as bitsandbytes does, the reciprocal is taken of the absmax
 clamped to TINY, so its zeros scale to 0 * 1/TINY = 0. Which codebook to use is the business
 of nf4.py; packing two 4-bit indices per byte too.
+
+quantize_blockwise and dequantize_blockwise are the definitions, line for line lesson 02's code.
+scale_blocks and nearest_code are speed helpers for quantize_4bit (quant_state.py): the same
+recipe, the same bits (tests/test_blockwise.py), about 5x faster on a CPU; lesson 02 skips them.
 """
 import functools
 
@@ -48,6 +52,52 @@ def blocks_of(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
         flat = torch.nn.functional.pad(flat, (0, pad))
     return flat.view(-1, blocksize)
 
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` blockwise onto `code`. Returns (indices uint8 in x's shape, absmax float32).
+    The definition: the code lesson 02 builds (quantize_4bit takes the speed helpers below).
+
+    >>> x, code = torch.tensor([0.2, -0.8, 3.0, 1.5]), torch.tensor([-1.0, 0.0, 1.0])
+    >>> q, a = quantize_blockwise(x, code, 2)
+    >>> q.tolist(), a.tolist()
+    ([1, 0, 2, 1], [0.800000011920929, 3.0])
+    """
+    check_float(x, "quantize_blockwise")
+    check_code(code, "quantize_blockwise")
+    check_blocksize(blocksize, "quantize_blockwise")
+    flat = x.detach().reshape(-1).float()                 # (n,) float32, no autograd history
+    blocksize = min(blocksize, flat.numel() or blocksize)  # a lone short block stays short
+    blocks = blocks_of(flat, blocksize)                                  # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)                                    # (n_blocks,) float32
+    inv = 1.0 / absmax.clamp(min=TINY)                                   # all-zero block: 0 * 1e38
+    scaled = (blocks * inv[:, None]).clamp(-1, 1)                        # (n_blocks, blocksize)
+    code = code.to(scaled)                                               # float32, on x's device
+    midpoints = (code[:-1] + code[1:]) / 2                               # (len(code) - 1,)
+    q = torch.bucketize(scaled, midpoints)               # how many midpoints lie strictly below s
+    return q.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape), absmax
+
+
+def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         blocksize: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`, in
+    the indices' shape (one code index per value; one absmax per block of `blocksize` values,
+    counted in flat order).
+
+    >>> dequantize_blockwise(torch.tensor([1, 0, 2, 1], dtype=torch.uint8),
+    ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), 2).tolist()
+    [0.0, -0.800000011920929, 3.0, 0.0]
+    """
+    check_stored(indices, absmax, code, blocksize, dtype, "dequantize_blockwise")
+    values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]   # (n,) float32
+    n = values.numel()
+    blocksize = min(blocksize, n or blocksize)             # a lone short block stays short
+    x_hat = blocks_of(values, blocksize) * absmax.float().reshape(-1, 1)  # (n_blocks, blocksize)
+    return x_hat.reshape(-1)[:n].to(dtype or torch.float32).reshape(indices.shape)
+
+
+# Speed helpers for quantize_4bit (quant_state.py): quantize_blockwise's recipe, the same bits,
+# no float32 copy of 16-bit input and no binary search for 4-bit codes. Lesson 02 skips them.
 
 def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (s, absmax): s = clamp(x * (1/absmax), -1, 1) as (n_blocks, blocksize) float32
@@ -112,47 +162,19 @@ def _grid(midpoints: tuple, device: torch.device):
     return None
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` blockwise onto `code`. Returns (indices uint8 in x's shape, absmax float32).
-
-    >>> x, code = torch.tensor([0.2, -0.8, 3.0, 1.5]), torch.tensor([-1.0, 0.0, 1.0])
-    >>> q, a = quantize_blockwise(x, code, 2)
-    >>> q.tolist(), a.tolist()
-    ([1, 0, 2, 1], [0.800000011920929, 3.0])
-    """
-    check_float(x, "quantize_blockwise")
-    check_code(code, "quantize_blockwise")
-    check_blocksize(blocksize, "quantize_blockwise")
-    scaled, absmax = scale_blocks(x, blocksize)
-    q = nearest_code(scaled, code).reshape(-1)[: x.numel()]
-    return q.to(torch.uint8).reshape(x.shape), absmax
-
-
-def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                         blocksize: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x_hat = code[indices] * absmax[block], computed in float32 and cast once to `dtype`, in
-    the indices' shape (one code index per value; one absmax per block of `blocksize` values,
-    counted in flat order).
-
-    >>> dequantize_blockwise(torch.tensor([1, 0, 2, 1], dtype=torch.uint8),
-    ...                      torch.tensor([0.8, 3.0]), torch.tensor([-1., 0., 1.]), 2).tolist()
-    [0.0, -0.800000011920929, 3.0, 0.0]
-    """
-    check_blocksize(blocksize, "dequantize_blockwise")
-    check_dtype(dtype, "dequantize_blockwise")
+def check_stored(indices, absmax, code, blocksize, dtype, where: str) -> None:
+    """dequantize_blockwise's arguments, or an error naming the one that is wrong: a power-of-two
+    blocksize, a float dtype, a float 1-D code, integer indices into it, one absmax per block."""
+    check_blocksize(blocksize, where)
+    check_dtype(dtype, where)
     if not isinstance(code, torch.Tensor) or code.dim() != 1 or not code.is_floating_point():
-        raise TypeError("dequantize_blockwise: code must be a 1-D floating-point tensor")
-    check_indices(indices, code.numel(), "dequantize_blockwise")
+        raise TypeError(f"{where}: code must be a 1-D floating-point tensor")
+    check_indices(indices, code.numel(), where)
     n = indices.numel()
     if not isinstance(absmax, torch.Tensor) or absmax.numel() != ceil_div(n, blocksize):
         got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
-        raise ValueError(f"dequantize_blockwise: expected {ceil_div(n, blocksize)} absmax values "
+        raise ValueError(f"{where}: expected {ceil_div(n, blocksize)} absmax values "
                          f"for {n} values at blocksize {blocksize}, got {got}")
-    values = code.to(indices.device, torch.float32)[indices.reshape(-1).long()]   # (n,) float32
-    blocksize = min(blocksize, n or blocksize)   # one short block: no padding to a huge blocksize
-    values = blocks_of(values, blocksize) * absmax.float().reshape(-1, 1)  # (n_blocks, blocksize)
-    return values.reshape(-1)[:n].to(dtype or torch.float32).reshape(indices.shape)
 
 
 def check_indices(indices, n_codes: int, where: str) -> None:

@@ -193,3 +193,45 @@ def test_scale_blocks_equals_scaling_in_float32(dtype):
     assert scaled.dtype == absmax.dtype == torch.float32
     assert torch.equal(absmax.view(torch.int32), want_absmax.view(torch.int32))
     assert torch.equal(scaled.view(torch.int32), want.view(torch.int32))
+
+
+def speed_path(x, code, blocksize):
+    """quantize_4bit's route to the indices (quant_state.py): scale_blocks, then nearest_code."""
+    scaled, absmax = scale_blocks(x, blocksize)
+    return nearest_code(scaled, code).reshape(-1)[: x.numel()].reshape(x.shape), absmax
+
+
+@settings(max_examples=80, deadline=None)
+@given(arrays("float32", st.integers(0, 300), elements=st.floats(width=32, allow_nan=False,
+                                                                  allow_infinity=False)),
+       st.sampled_from([2, 4, 64, 256, 2 ** 20]),
+       st.sampled_from(["nf4", "int4", "dynamic", "ternary"]),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_speed_helpers_give_the_definitions_bits(values, blocksize, name, dtype):
+    """The definition (quantize_blockwise, lesson 02's code) and the speed helpers that
+    quantize_4bit runs (scale_blocks + nearest_code's grid) agree bit for bit: any float32
+    value in range, every input dtype quantize_4bit takes, a lone short block, partial last
+    blocks, zeros and subnormals (hypothesis draws them), 4-bit codes (grid) and DYNAMIC
+    (bucketize). (FP4, sorted, holds -0.0 and 0.0: not strictly increasing, so quantize_blockwise
+    refuses it; nearest_code's test above covers it against bucketize.)"""
+    code = {"dynamic": DYNAMIC, "ternary": TERNARY, "nf4": NF4, "int4": INT4}[name]
+    x = torch.from_numpy(values).to(dtype)
+    x = torch.where(x.isfinite(), x, torch.zeros_like(x))               # fp16 overflows to inf
+    q, absmax = quantize_blockwise(x, code, blocksize)
+    q_fast, absmax_fast = speed_path(x, code, blocksize)
+    assert torch.equal(q, q_fast) and q.dtype == q_fast.dtype == torch.uint8
+    assert torch.equal(absmax.view(torch.int32), absmax_fast.view(torch.int32))
+
+
+def test_speed_helpers_on_ties_and_blocks_that_are_all_zero_or_subnormal():
+    """Every midpoint of NF4 and INT4 hit exactly (absmax 1), one float either side, a zero block
+    and a subnormal block: the grid's branch-free lookup agrees with the definition's search."""
+    for code in (NF4, INT4, DYNAMIC):
+        mid = (code[:-1] + code[1:]) / 2
+        inf = torch.tensor(float("inf"))
+        x = torch.cat([torch.ones(1), mid, torch.nextafter(mid, inf), torch.nextafter(mid, -inf),
+                       torch.zeros(64), torch.full((64,), 1e-40), torch.tensor([-3e-39])])
+        for blocksize in (64, 4096):
+            q, absmax = quantize_blockwise(x, code, blocksize)
+            q_fast, absmax_fast = speed_path(x, code, blocksize)
+            assert torch.equal(q, q_fast) and torch.equal(absmax, absmax_fast)
