@@ -14,7 +14,7 @@ at import is the NF4 table (a few scipy quantiles) and the 256-value dynamic map
 # lessons 01-04: the storage format
 from .absmax import absmax_dequantize, absmax_quantize
 from .blockwise import dequantize_blockwise, quantize_blockwise
-from .nf4 import FP4, INT4, NF4, nf4_code, pack_4bit, unpack_4bit
+from .nf4 import FP4, INT4, NF4, nf4_code, nf4_offset, pack_4bit, unpack_4bit
 from .double_quant import DYNAMIC, double_dequantize, double_quantize, dynamic_code
 from .quant_state import QuantState, decode_4bit, quantize_4bit
 # lesson 05: dequantization on a backend (torch, the CUDA kernel through CuPy, or its emulation)
@@ -33,7 +33,7 @@ from . import memory, toy
 from .checkpoint import load_4bit, save_4bit
 from .adapter import load_adapter, save_adapter
 # lesson 11: codebooks from objectives, the hardware 4-bit formats, and one comparison of all
-from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_code, nf4_offset
+from .codebooks import af4_code, block_cdf, block_pdf, expected_mse, lloyd_max_code
 from .mx_state import MXState
 from .microscaling import dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
 from . import compare

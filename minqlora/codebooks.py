@@ -21,7 +21,7 @@ codebook takes milliseconds (cached per blocksize). Three objectives give three 
                       cells next to 0 end at 0, and the code 0 gets no cell while solving.
 Worked example: at B = 64 the expected MSE per weight (in sigma^2) is 0.00846 for NF4, 0.00799
 for Lloyd-Max with NF4's layout and 0.00762 for free Lloyd-Max: NF4 is 11% above the limit.
-nf4_offset() is this lesson's account of 0.9677083. This module uses numpy and scipy;
+NF4's offset 0.9677083 has its account in nf4.py (nf4_offset). This module uses numpy and scipy;
 quantizing with these codes is blockwise.py's and double_quant.py's business.
 """
 import functools
@@ -170,14 +170,3 @@ def af4_code(blocksize: int = 64) -> torch.Tensor:
     """
     check_blocksize(blocksize, "af4_code")
     return _af4(blocksize).clone()
-
-
-def nf4_offset() -> float:
-    """NF4's offset 0.9677083 as an account, not a stated method: the last code sits half a
-    bin in from probability 1, with 15 bins (non-zero codes) or 16 (all codes): the mean of
-    1 - 1/(2*15) and 1 - 1/(2*16) is 929/960 = 0.96770833, bitsandbytes' 7 digits exactly.
-
-    >>> round(nf4_offset(), 7)
-    0.9677083
-    """
-    return ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16))) / 2

@@ -13,7 +13,8 @@ codes. Why offset = 0.9677083, not 1? norm.ppf(1) is infinite, so the last quant
 short of 1. bitsandbytes' code holds the constant; the paper's appendix lists the 16 values it
 gives but never states it; neither explains it. To 7 digits it is the mean of the two natural
 "half a bin in from the end" choices, 1 - 1/(2*15) = 0.96667 and 1 - 1/(2*16) = 0.96875
-(for 15 and 16 bins): (0.96667 + 0.96875) / 2 = 0.9677083. That is the usual account of it.
+(for 15 and 16 bins): (0.96667 + 0.96875) / 2 = 0.9677083. That is the usual account of it,
+and nf4_offset() computes it; NF4_OFFSET is bitsandbytes' 7-digit constant, which it checks.
 Worked example: the 8 positive probabilities are 0.9677, 0.9092, 0.8508, ..., 0.5585. The
 largest quantile, norm.ppf(0.9677) = 1.8481, becomes 1.0 after dividing by the max; the next,
 norm.ppf(0.9092) = 1.3361, becomes 1.3361 / 1.8481 = 0.72296: bitsandbytes' 0.7229568.
@@ -27,7 +28,18 @@ bitsandbytes: indices [1, 2, 15] -> bytes [0x12, 0xF0] (an odd count is padded w
 """
 import torch
 
-NF4_OFFSET = 0.9677083
+NF4_OFFSET = 0.9677083    # bitsandbytes' constant, the format's; nf4_offset() accounts for it
+
+
+def nf4_offset() -> float:
+    """NF4_OFFSET as an account, not a stated method: the last code sits half a bin in from
+    probability 1, with 15 bins (non-zero codes) or 16 (all codes): the mean of 1 - 1/(2*15)
+    and 1 - 1/(2*16) is 929/960 = 0.96770833..., bitsandbytes' 7 digits exactly.
+
+    >>> round(nf4_offset(), 7) == NF4_OFFSET
+    True
+    """
+    return ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16))) / 2
 
 
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -37,18 +49,18 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     >>> [round(v, 4) for v in c[[0, 7, 14, 15]].tolist()]
     [-1.0, 0.0, 0.723, 1.0]
     """
-    from scipy.stats import norm  # the only scipy call in the library
+    from scipy.stats import norm  # imported when a table is built, not at import minqlora
 
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1:
         raise ValueError(f"nf4_code: offset must be a probability strictly between 0.5 and 1 "
                          f"(norm.ppf(1) is infinite, and 0.5 puts every quantile at 0), got "
                          f"{offset!r}")
-    p_pos = torch.linspace(offset, 0.5, 9)[:-1]       # 8 probabilities (float32, as bitsandbytes)
-    p_neg = torch.linspace(offset, 0.5, 8)[:-1]       # 7 probabilities
-    positives = norm.ppf(p_pos.numpy().astype("float64")).tolist()
-    negatives = (-norm.ppf(p_neg.numpy().astype("float64"))).tolist()
-    values = torch.tensor(positives + [0.0] + negatives, dtype=torch.float32).sort().values
-    return values / values.max()
+    p_pos = torch.linspace(offset, 0.5, 9)[:-1]       # 8 probabilities, float32 (as bitsandbytes)
+    p_neg = torch.linspace(offset, 0.5, 8)[:-1]       # 7 probabilities, float32
+    positives = norm.ppf(p_pos.double().numpy()).tolist()          # 8 quantiles, in std devs
+    negatives = (-norm.ppf(p_neg.double().numpy())).tolist()       # 7 quantiles, mirrored
+    values = torch.tensor(sorted(negatives + [0.0] + positives), dtype=torch.float32)   # (16,)
+    return values / values.max()                                    # largest -> exactly 1.0
 
 
 NF4 = nf4_code()

@@ -1,4 +1,4 @@
-"""tests for minqlora/codebooks.py: the block distribution, Lloyd-Max, AF4, the NF4 offset."""
+"""tests for minqlora/codebooks.py: the block distribution, Lloyd-Max, AF4."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,6 @@ import torch
 import minqlora as mq
 from minqlora import codebooks as cb
 from minqlora.build import EmulationUnavailable
-from minqlora.nf4 import NF4_OFFSET
 
 # AF4 for blocksize 64 as published by Yoshida (2023) and shipped by bitsandbytes
 # (functional.get_4bit_type("af4", blocksize=64), there in descending order).
@@ -154,13 +153,6 @@ def test_af4_beats_nf4_on_its_own_objective_only_at_large_blocksizes():
         return (s - c[torch.bucketize(s, (c[:-1] + c[1:]) / 2)]).abs().mean().item()
     assert l1(mq.af4_code(64), 64) > l1(mq.NF4, 64)
     assert l1(mq.af4_code(1024), 1024) < l1(mq.NF4, 1024)
-
-
-def test_nf4_offset_account():
-    assert cb.nf4_offset() == pytest.approx(929 / 960, abs=1e-15)
-    assert round(cb.nf4_offset(), 7) == NF4_OFFSET
-    assert torch.equal(mq.nf4_code(round(cb.nf4_offset(), 7)), mq.NF4)      # bitsandbytes' table
-    assert not torch.equal(mq.nf4_code(cb.nf4_offset()), mq.NF4)           # it used 7 digits
 
 
 @pytest.mark.parametrize("make", [lambda: mq.lloyd_max_code(64), lambda: mq.af4_code(64),

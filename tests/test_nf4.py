@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minqlora.nf4 import (CODES, FP4, INT4, NF4, NF4_OFFSET, get_code, nf4_code, pack_4bit,
-                         unpack_4bit)
+from minqlora.nf4 import (CODES, FP4, INT4, NF4, NF4_OFFSET, get_code, nf4_code, nf4_offset,
+                          pack_4bit, unpack_4bit)
 
 # bitsandbytes' published NF4 table (functional.get_4bit_type("nf4")): minqlora must BUILD it.
 NF4_REFERENCE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -26,10 +26,13 @@ def test_nf4_shape_of_the_construction():
 
 
 def test_offset_is_the_mean_of_the_two_half_bin_choices():
-    """NF4_OFFSET, to its 7 digits, is (1 - 1/(2*15) + 1 - 1/(2*16)) / 2, and nf4_code()
-    builds NF4 from it."""
-    assert NF4_OFFSET == round((1 - 1 / 30 + 1 - 1 / 32) / 2, 7) == 0.9677083
+    """NF4_OFFSET is bitsandbytes' 0.9677083; nf4_offset(), the account, is
+    (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 = 929/960, NF4_OFFSET to its 7 digits. nf4_code() builds
+    NF4 from the 7-digit constant; 929/960 itself gives another table (bitsandbytes rounded)."""
+    assert nf4_offset() == pytest.approx(929 / 960, abs=1e-15)
+    assert round(nf4_offset(), 7) == NF4_OFFSET == 0.9677083
     assert torch.equal(nf4_code(NF4_OFFSET), NF4)
+    assert not torch.equal(nf4_code(nf4_offset()), NF4)
 
 
 def test_the_offset_sets_the_largest_quantile():
