@@ -1,5 +1,9 @@
 """Notebook hygiene that strict nbval relies on: each lesson stored executed top to bottom in
-a fresh python3 kernel, with no error or stderr output and no raw memory addresses."""
+a fresh python3 kernel, with no error or stderr output and no raw memory addresses. And the
+lesson's code is the library's: a function a lesson defines under a library name is its code
+or shown beside it."""
+import ast
+import copy
 import json
 import re
 from pathlib import Path
@@ -36,3 +40,105 @@ def test_lesson_has_the_course_shape(path):
     md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     assert md.lstrip().startswith("# "), f"{path.name} should open with a title"
     assert re.search(r"exercise", md, re.I), f"{path.name} has no exercises"
+
+
+# The lesson's code is the module's code (issue 23, item 3) ------------------------------------
+PACKAGE = Path(__file__).parent.parent / "minqlora"
+NOT_BUILT = {"exercises", "bench"}   # the lessons' checks and the speed runs: no lesson builds them
+
+# Lessons that still define a library name without its text or its source beside it, each left
+# to the helper who owns that lesson (issue 23). The lead shrinks this list as they merge; a name
+# that no longer needs to be here fails test_pending_is_still_pending until it is taken out.
+PENDING = {
+    "08_paged_adam.ipynb": {"train"},       # the toy training loop vs minqlora/training.py
+}
+
+
+def library_definitions() -> dict:
+    """{name: ast node} of every public function and class at the top of a library module."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if NOT_BUILT & set(path.relative_to(PACKAGE).parts):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                found[node.name] = node
+    return found
+
+
+def code_cells(path: Path) -> list:
+    """The syntax tree of each code cell, in order (IPython's % and ! lines dropped)."""
+    nb = json.loads(path.read_text())
+    trees = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            lines = "".join(cell["source"]).split("\n")
+            trees.append(ast.parse("\n".join(l for l in lines if l.lstrip()[:1] not in ("%", "!"))))
+    return trees
+
+
+def same_code(a: ast.AST, b: ast.AST) -> bool:
+    """The same code once docstrings and type annotations are dropped (comments and layout are
+    free): what a learner diffing the lesson against the module would call the same text."""
+    def bare(node):
+        node = copy.deepcopy(node)
+        for n in ast.walk(node):
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(
+                    n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) \
+                    and isinstance(n.body[0].value.value, str):
+                n.body = n.body[1:] or [ast.Pass()]
+            if isinstance(n, ast.FunctionDef):
+                n.returns = None
+            if isinstance(n, ast.arg):
+                n.annotation = None
+        return ast.dump(node)
+    return bare(a) == bare(b)
+
+
+def shown_sources(tree: ast.AST) -> set:
+    """Names whose library source a cell prints: inspect.getsource(mq.x) or getsource(mod.x)."""
+    return {call.args[0].attr for call in ast.walk(tree) if isinstance(call, ast.Call)
+            and getattr(call.func, "attr", getattr(call.func, "id", None)) == "getsource"
+            and call.args and isinstance(call.args[0], ast.Attribute)}
+
+
+def library_names_not_built(path: Path) -> set:
+    """Names a lesson defines as the library does, neither with the library's code nor followed
+    (in that cell or a later one) by inspect.getsource of the library's."""
+    library, cells = library_definitions(), code_cells(path)
+    missing = set()
+    for i, tree in enumerate(cells):
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in library:
+                shown = set().union(*(shown_sources(t) for t in cells[i:]))
+                if not same_code(node, library[node.name]) and node.name not in shown:
+                    missing.add(node.name)
+    return missing
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_a_library_name_in_a_lesson_is_the_librarys_code_or_shown_beside_it(path):
+    """Issue 23: every function (or class) a lesson defines under a library name is that
+    function's code (lesson 02's quantize_blockwise), or the lesson shows the library's with
+    inspect.getsource after its own (lesson 01's absmax_quantize)."""
+    missing = library_names_not_built(path) - PENDING.get(path.name, set())
+    assert not missing, (f"{path.name} defines {sorted(missing)} as the library does: write the "
+                         "library's code, or print inspect.getsource(mq.<name>) after yours and "
+                         "say in one sentence what it adds")
+
+
+@pytest.mark.parametrize("name", sorted(PENDING))
+def test_pending_is_still_pending(name):
+    fixed = PENDING[name] - library_names_not_built(PACKAGE.parent / "lessons" / name)
+    assert not fixed, f"{name}: {sorted(fixed)} now pass; take them out of PENDING"
+
+
+def test_the_scan_sees_a_copy_a_drift_and_a_shown_source():
+    """The rule itself, on three made-up cells: the library's code passes, a drifted copy fails,
+    and a drifted copy followed by getsource passes."""
+    library = library_definitions()["ceil_div"]
+    copy_ = ast.parse("def ceil_div(n, d):\n    # a comment\n    return -(-n // d)\n").body[0]
+    drift = ast.parse("def ceil_div(n, d):\n    return (n + d - 1) // d\n").body[0]
+    assert same_code(copy_, library) and not same_code(drift, library)
+    assert "ceil_div" in shown_sources(ast.parse("print(inspect.getsource(mq.blockwise.ceil_div))"))
+    assert "ceil_div" not in shown_sources(ast.parse("print(inspect.getsource(ceil_div))"))
