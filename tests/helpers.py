@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: `from helpers import gaussian, bits, Tiny`.
+"""Helpers shared by the test modules: `from helpers import gaussian, bits, Tiny, prepared_toy`.
 
 pytest's default ("prepend") import mode puts tests/ on sys.path for the test modules, which is
 how they find this module; fixtures shared by several test files live in conftest.py.
@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from minqlora import build
+from minqlora.lora import LoRALinear
+from minqlora.qlora import prepare_qlora
+from minqlora.toy import ToyLM
 
 from minqlora.bench.references import bnb_definition, probe_bnb_decode, same_bits  # noqa: F401
 
@@ -30,6 +33,25 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(build, "_BUILT", {})
     return folder
+
+
+def nonzero_lora_B(model, std=0.1):
+    """Draw every LoRA B of `model` from N(0, std^2), in place; returns the model. LoRA starts
+    with B = 0, where an adapter that was lost, swapped or never loaded looks the same."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_(0, std)
+    return model
+
+
+def prepared_toy(seed=0, r=4, alpha=None, **kwargs):
+    """ToyLM (seeded) through prepare_qlora: LoRA over 4-bit linears, alpha 2r unless given,
+    float32 compute unless given, eval mode, every LoRA B non-zero (nonzero_lora_B)."""
+    torch.manual_seed(seed)
+    kwargs.setdefault("compute_dtype", torch.float32)
+    alpha = 2 * r if alpha is None else alpha
+    return nonzero_lora_B(prepare_qlora(ToyLM(), r=r, alpha=alpha, **kwargs).eval())
 
 
 class Tiny(nn.Module):

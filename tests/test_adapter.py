@@ -12,22 +12,12 @@ from minqlora.lora import LoRALinear, to_linear
 from minqlora.qlora import prepare_qlora, replace_module
 from minqlora.toy import ToyLM
 
+from helpers import nonzero_lora_B, prepared_toy
+
 safetensors = pytest.importorskip("safetensors.torch")
 
 IDS = torch.tensor([[1, 10, 2, 13, 0, 0, 3], [4, 11, 5, 13, 0, 0, 9]])
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def prepared(seed=0, r=4, alpha=8, **kwargs):
-    """ToyLM with LoRA over 4-bit linears, adapters made non-zero (B = 0 would prove little)."""
-    torch.manual_seed(seed)
-    kwargs.setdefault("compute_dtype", torch.float32)
-    model = prepare_qlora(ToyLM(), r=r, alpha=alpha, **kwargs).eval()
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.lora_B.weight.normal_(0, 0.1)
-    return model
 
 
 def dequantized_base(model):
@@ -41,7 +31,7 @@ def dequantized_base(model):
 
 
 def test_folder_layout_and_config(tmp_path):
-    model = prepared(dropout=0.05)
+    model = prepared_toy(dropout=0.05)
     save_adapter(model, tmp_path)
     tensors = safetensors.load_file(tmp_path / "adapter_model.safetensors")
     assert len(tensors) == 28 and tensors[PREFIX + "layers.0.q_proj.lora_A.weight"].shape == (4, 64)
@@ -54,17 +44,17 @@ def test_folder_layout_and_config(tmp_path):
 
 
 def test_target_modules_fall_back_to_full_names_when_a_leaf_would_pick_more():
-    model = prepared(target_modules=["layers.0.q_proj"])
+    model = prepared_toy(target_modules=["layers.0.q_proj"])
     assert target_modules(model, ["layers.0.q_proj"]) == ["layers.0.q_proj"]
-    assert target_modules(prepared(target_modules=["q_proj"]),
+    assert target_modules(prepared_toy(target_modules=["q_proj"]),
                           ["layers.0.q_proj", "layers.1.q_proj"]) == ["q_proj"]
 
 
 def test_config_keys_are_among_peft_own(tmp_path):
     """Every key minqlora writes is one PEFT 0.21 writes; the rest are PEFT's defaults."""
     peft = pytest.importorskip("peft")
-    save_adapter(prepared(), tmp_path / "ours")
-    model = dequantized_base(prepared())
+    save_adapter(prepared_toy(), tmp_path / "ours")
+    model = dequantized_base(prepared_toy())
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION)
     peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
@@ -76,7 +66,7 @@ def test_config_keys_are_among_peft_own(tmp_path):
 
 def test_minqlora_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
     peft = pytest.importorskip("peft")
-    model = prepared(seed=0)
+    model = prepared_toy(seed=0)
     save_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(dequantized_base(model), tmp_path).eval()
     with torch.no_grad():
@@ -87,7 +77,7 @@ def test_peft_trained_adapter_loads_into_minqlora_with_the_same_outputs(tmp_path
     """get_peft_model over the same (dequantized) base, a few AdamW steps, save_pretrained;
     load_adapter into minqlora's 4-bit model gives PEFT's outputs."""
     peft = pytest.importorskip("peft")
-    model = prepared(seed=1, dropout=0.1)
+    model = prepared_toy(seed=1, dropout=0.1)
     torch.manual_seed(2)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                              target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"])
@@ -106,9 +96,9 @@ def test_peft_trained_adapter_loads_into_minqlora_with_the_same_outputs(tmp_path
 
 
 def test_round_trip_and_a_bad_folder_leaves_the_model_unchanged(tmp_path):
-    source = prepared(seed=0)
+    source = prepared_toy(seed=0)
     save_adapter(source, tmp_path / "good")
-    model = prepared(seed=0)                         # same base, other adapters
+    model = prepared_toy(seed=0)                         # same base, other adapters
     with torch.no_grad():
         model.layers[0].q_proj.lora_B.weight.zero_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,7 +137,7 @@ def test_round_trip_and_a_bad_folder_leaves_the_model_unchanged(tmp_path):
 
 
 def test_layers_that_disagree_cannot_be_one_peft_config(tmp_path):
-    model = prepared()
+    model = prepared_toy()
     model.layers[1].up_proj = LoRALinear(model.layers[1].up_proj.base, r=2, alpha=8)
     with pytest.raises(ValueError, match="one r for all layers; layers.1.up_proj has 2"):
         save_adapter(model, tmp_path)
@@ -169,10 +159,7 @@ def test_peft_auto_classes_open_the_folder(tmp_path):
                                       num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = prepare_qlora(transformers.LlamaForCausalLM(config), r=4, alpha=8).eval()
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.lora_B.weight.normal_(0, 0.1)
+    nonzero_lora_B(model)
     save_4bit(model, tmp_path / "base")
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -13,21 +13,12 @@ from torch import nn
 from minqlora import adapter, files
 from minqlora.adapter import ADAPTER_CONFIG, PREFIX, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from minqlora.checkpoint import load_4bit, save_4bit
-from minqlora.lora import LoRALinear
 from minqlora.qlora import prepare_qlora
 from minqlora.toy import ToyLM
 
+from helpers import prepared_toy
+
 safetensors = pytest.importorskip("safetensors.torch")
-
-
-def prepared(r=4, seed=0):
-    torch.manual_seed(seed)
-    model = prepare_qlora(ToyLM(), r=r, alpha=2 * r, compute_dtype=torch.float32).eval()
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.lora_B.weight.normal_(0, 0.1)
-    return model
 
 
 def snapshot(model):
@@ -64,17 +55,17 @@ def test_item2_a_link_at_the_old_temporary_name_is_never_written_through(tmp_pat
     folder.mkdir()
     (folder / f"{ADAPTER_CONFIG}.tmp").symlink_to(victim)
     (folder / f"{ADAPTER_WEIGHTS}.tmp").write_text("the user's own file")
-    save_adapter(prepared(), folder)
+    save_adapter(prepared_toy(), folder)
     assert victim.read_text() == "precious"
     assert (folder / f"{ADAPTER_WEIGHTS}.tmp").read_text() == "the user's own file"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [ADAPTER_CONFIG, ADAPTER_WEIGHTS, f"{ADAPTER_CONFIG}.tmp",
          f"{ADAPTER_WEIGHTS}.tmp"])                                   # no temporaries left
-    load_adapter(prepared(seed=1), folder)
+    load_adapter(prepared_toy(seed=1), folder)
 
 
 def test_item2_concurrent_saves_into_one_folder_all_succeed(tmp_path):
-    model, errors = prepared(), []
+    model, errors = prepared_toy(), []
 
     def saves():
         for _ in range(25):
@@ -88,13 +79,13 @@ def test_item2_concurrent_saves_into_one_folder_all_succeed(tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
-    load_adapter(prepared(seed=1), tmp_path)
+    load_adapter(prepared_toy(seed=1), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
 # item 3: the pair is replaced as one
 def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
-    old = prepared(r=4)
+    old = prepared_toy(r=4)
     save_adapter(old, tmp_path)
     real_open = open
 
@@ -104,9 +95,9 @@ def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(files, "open", full_disk, raising=False)   # files.text_writer
     with pytest.raises(OSError, match="No space"):
-        save_adapter(prepared(r=8, seed=2), tmp_path)
+        save_adapter(prepared_toy(r=8, seed=2), tmp_path)
     monkeypatch.undo()
-    fresh = prepared(r=4, seed=3)
+    fresh = prepared_toy(r=4, seed=3)
     load_adapter(fresh, tmp_path)                  # the old pair, whole
     assert_unchanged(fresh, {**snapshot(fresh), **{k: v for k, v in old.state_dict().items()
                                                     if "lora_" in k}})
@@ -115,13 +106,13 @@ def test_item3_a_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
 
 # item 7: finiteness in the dtype the model will hold
 def test_item7_an_adapter_weight_that_overflows_float32_is_refused(tmp_path):
-    save_adapter(prepared(), tmp_path)
+    save_adapter(prepared_toy(), tmp_path)
     tensors = safetensors.load_file(tmp_path / ADAPTER_WEIGHTS)
     key = f"{PREFIX}layers.0.q_proj.lora_A.weight"
     tensors[key] = tensors[key].double()
     tensors[key][0, 0] = 1e300
     safetensors.save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
-    model = prepared(seed=1)
+    model = prepared_toy(seed=1)
     before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite values in torch.float32"):
         load_adapter(model, tmp_path)
@@ -158,27 +149,27 @@ def rewrite_config(folder, **fields):
 
 @pytest.mark.parametrize("targets", ["(", [1, 2], {"q_proj": 1}, 3])
 def test_item10_bad_target_modules_are_a_value_error(tmp_path, targets):
-    save_adapter(prepared(), tmp_path)
+    save_adapter(prepared_toy(), tmp_path)
     rewrite_config(tmp_path, target_modules=targets)
     with pytest.raises(ValueError, match="target_modules"):
-        load_adapter(prepared(), tmp_path)
+        load_adapter(prepared_toy(), tmp_path)
 
 
 def test_item10_a_deeply_nested_config_is_a_value_error(tmp_path):
-    save_adapter(prepared(), tmp_path)
+    save_adapter(prepared_toy(), tmp_path)
     (tmp_path / ADAPTER_CONFIG).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=ADAPTER_CONFIG):
-        load_adapter(prepared(), tmp_path)
+        load_adapter(prepared_toy(), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_item10_float8_adapter_weights_load_or_fail_clearly(tmp_path, dtype):
     """float8 has no isfinite of its own: the values are checked after the cast."""
-    model = prepared()
+    model = prepared_toy()
     save_adapter(model, tmp_path)
     tensors = {k: v.to(dtype) for k, v in safetensors.load_file(tmp_path / ADAPTER_WEIGHTS).items()}
     safetensors.save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
-    fresh = prepared(seed=1)
+    fresh = prepared_toy(seed=1)
     load_adapter(fresh, tmp_path)
     for name, layer in adapter.lora_layers(fresh).items():
         assert torch.equal(layer.lora_A.weight, tensors[f"{PREFIX}{name}.lora_A.weight"].float())
@@ -188,7 +179,7 @@ def test_item10_float8_adapter_weights_load_or_fail_clearly(tmp_path, dtype):
 @pytest.mark.parametrize("which", [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 @pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "folder"])
 def test_item12_special_files_are_refused_without_reading_them(tmp_path, which, kind):
-    save_adapter(prepared(), tmp_path)
+    save_adapter(prepared_toy(), tmp_path)
     target = tmp_path / which
     target.unlink()
     if kind == "fifo":
@@ -197,16 +188,16 @@ def test_item12_special_files_are_refused_without_reading_them(tmp_path, which, 
         target.mkdir()
     else:
         target.symlink_to(kind)
-    error = in_time(lambda: load_adapter(prepared(), tmp_path))
+    error = in_time(lambda: load_adapter(prepared_toy(), tmp_path))
     assert isinstance(error, ValueError) and "not a regular file" in str(error), error
 
 
 def test_item12_a_config_beyond_the_cap_is_refused(tmp_path):
-    save_adapter(prepared(), tmp_path)
+    save_adapter(prepared_toy(), tmp_path)
     with open(tmp_path / ADAPTER_CONFIG, "r+") as f:
         f.truncate(64 << 20)                       # sparse: 64 MiB of zeros, nothing written
     with pytest.raises(ValueError, match="more than"):
-        load_adapter(prepared(), tmp_path)
+        load_adapter(prepared_toy(), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
