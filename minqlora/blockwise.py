@@ -99,6 +99,7 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torc
 # Speed helpers for quantize_4bit (quant_state.py): quantize_blockwise's recipe, the same bits,
 # no float32 copy of 16-bit input and no binary search for 4-bit codes. Lesson 02 skips them.
 
+
 def scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (s, absmax): s = clamp(x * (1/absmax), -1, 1) as (n_blocks, blocksize) float32
     (a single block narrower than blocksize is not padded past an even count of values).
