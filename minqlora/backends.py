@@ -20,7 +20,7 @@ absmax[i // blocksize] in float32, cast once; tests/test_backends.py proves them
 The torch backend reshapes the definition for speed:
 
     pairs[byte] = (code[byte >> 4], code[byte & 15])     a (256, 2) table: one lookup per byte
-    out[chunk]  = embedding(packed[chunk], pairs) * absmax[block]     CHUNK values per step
+    out[chunk]  = embedding(packed[chunk], pairs) * absmax[block]     DECODE_CHUNK per step
 
 Worked example: byte 0xC0 of an NF4 weight looks up pairs[192] = (NF4[12], NF4[0]) =
 (0.4407, -1.0); with absmax 2 it decodes to (0.8814, -2.0). A 4096x4096 weight is 64 chunks
@@ -48,7 +48,7 @@ from .launch import SUFFIX
 from .quant_state import QuantState, check_state
 
 BACKENDS = ("auto", "torch", "cuda", "emulate", "cpp")
-CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough to stay in cache
+DECODE_CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough for the cache
 HUGE_PAGE = 1 << 21  # bytes: a transparent huge page on x86-64 (arm64 with 4 KiB pages)
 
 
@@ -98,9 +98,12 @@ def empty_output(n: int, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
-def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> None:
+def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor,
+                     checked: bool = False) -> None:
     """The "torch" backend: decode packed bytes into `out` ((n,) of any float dtype) with a
-    byte -> (high, low) code table, CHUNK values at a time."""
+    byte -> (high, low) code table, DECODE_CHUNK values at a time (checked: the state was)."""
+    if not checked:
+        check_state(packed, state, "decode_in_chunks")
     code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32),
                                    (0, 16 - state.code.numel()))       # INT4 leaves index 15 unused
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
@@ -111,7 +114,7 @@ def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor)
     data = packed.reshape(-1)
     if data.numel() * 2 < n_blocks * blocksize:                       # a partial last block
         data = torch.nn.functional.pad(data, (0, n_blocks * blocksize // 2 - data.numel()))
-    step = max(1, CHUNK // blocksize)                                  # blocks per chunk
+    step = max(1, DECODE_CHUNK // blocksize)                           # blocks per chunk
     for b in range(0, n_blocks, step):
         first, last = b * blocksize, min((b + step) * blocksize, n)   # values of this chunk
         chunk = data[first // 2:(b + step) * blocksize // 2].int()    # whole blocks of bytes
@@ -135,7 +138,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     if backend not in BACKENDS:
         raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
     check_dtype(dtype, "dequantize_4bit")
-    check_state(packed, state, "dequantize_4bit")
+    check_state(packed, state, "dequantize_4bit")           # the one check of this decode
     if backend == "auto":
         backend = auto_backend(packed.device)
     if backend == "cuda" and not packed.is_cuda:
@@ -153,5 +156,5 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     out = empty_output(state.shape.numel(), written, packed.device)            # (n,)
     launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation,
               "cpp": decode_cpp}
-    launch[backend](packed, state, out)
+    launch[backend](packed, state, out, checked=True)
     return out.to(dtype).view(state.shape)

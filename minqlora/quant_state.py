@@ -3,7 +3,8 @@
     quantize_4bit:  absmax per block -> s = x * (1/absmax) -> index of the nearest code entry
                     -> two indices per byte, element 0 in the high nibble (lessons 02, 03);
                     the absmaxes double quantized (double_quant.py) unless double_quant=False;
-                    done CHUNK values at a time, so a big weight's temporaries stay in cache
+                    done QUANTIZE_CHUNK values at a time, so a big weight's temporaries stay
+                    in cache
     decode_4bit:    x_hat = code[index] * absmax[block], in float32, cast once to the dtype
 
 QuantState holds everything but the bytes, laid out like bitsandbytes' QuantState: absmax
@@ -28,7 +29,7 @@ from .blockwise import ceil_div, dequantize_blockwise, nearest_code, scale_block
 from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantize
 from .nf4 import get_code, pack_4bit, unpack_4bit
 
-CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the CPU's cache
+QUANTIZE_CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the cache
 SCREENED = (torch.float32, torch.bfloat16, torch.float16)  # a finite sum: finite, in range
 
 
@@ -205,7 +206,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     n, flat = x.numel(), x.reshape(-1)
     absmax = torch.empty(ceil_div(n, blocksize), dtype=torch.float32, device=x.device)
     packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=x.device)
-    step = max(1, CHUNK // blocksize)           # whole blocks per chunk; every chunk but the
+    step = max(1, QUANTIZE_CHUNK // blocksize)  # whole blocks per chunk; every chunk but the
     for b in range(0, absmax.numel(), step):    # last holds an even number of values
         first, last = b * blocksize, min((b + step) * blocksize, n)
         scaled, absmax[b:b + step] = scale_blocks(flat[first:last], blocksize)

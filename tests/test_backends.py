@@ -29,9 +29,9 @@ def test_torch_backend_is_bit_identical_to_the_definition(n, log2_bs, nested, qu
 
 
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
-    """CHUNK values per step: a tensor of several chunks plus a partial one, with a partial last
+    """DECODE_CHUNK values per step: a tensor of several chunks plus a partial one, with a partial last
     block, decodes as in one piece; so does a blocksize larger than a chunk."""
-    monkeypatch.setattr(backends, "CHUNK", 256)
+    monkeypatch.setattr(backends, "DECODE_CHUNK", 256)
     for blocksize in (64, 1024):
         packed, state = quantize_4bit(gaussian((7, 333), seed=blocksize), blocksize)
         out = torch.empty(7 * 333, dtype=torch.bfloat16)
@@ -63,8 +63,9 @@ def _record_launches(monkeypatch):
     """Replace the four launchers by recorders (each still decodes, through the torch path)."""
     ran = []
     for name in ("decode_in_chunks", "launch_emulation", "launch_cuda", "decode_cpp"):
-        def launcher(packed, state, out, name=name):
+        def launcher(packed, state, out, name=name, checked=False):
             ran.append(name)
+            assert checked                      # dequantize_4bit checked the state, once
             decode_in_chunks(packed, state, out)
         monkeypatch.setattr(backends, name, launcher)
     return ran
@@ -103,7 +104,7 @@ def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
     monkeypatch.setattr(backends, "_has_compiler", lambda: True)
     monkeypatch.setattr(backends.sys, "platform", "linux")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("building kernels/dequant_cpu.cpp with g++ failed")
     monkeypatch.setattr(backends, "decode_cpp", broken)
     monkeypatch.setattr(backends, "decode_in_chunks", lambda *a: pytest.fail("fell back"))
@@ -164,3 +165,23 @@ def test_a_big_output_asked_for_huge_pages_holds_the_same_bits(backend, request)
     for dtype in (torch.float32, torch.bfloat16):
         got = dequantize_4bit(packed, state, dtype, backend=backend)
         assert torch.equal(bits(got), bits(decode_4bit(packed, state, dtype)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "emulate"])
+def test_a_decode_checks_the_state_once(backend, monkeypatch, request):
+    """dequantize_4bit checks the state, then tells the backend (checked=True): the launch
+    checks only what is its own (devices, the output), not the state a second time."""
+    import minqlora.launch as launch
+    if backend != "torch":                              # skip without a C++ compiler
+        request.getfixturevalue({"cpp": "decoder", "emulate": "emulation"}[backend])
+    packed, state = quantize_4bit(torch.randn(300), 64)
+    calls = []
+    real = backends.check_state
+
+    def counted(*args):
+        calls.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(backends, "check_state", counted)
+    monkeypatch.setattr(launch, "check_state", counted)
+    out = dequantize_4bit(packed, state, backend=backend)
+    assert calls == ["dequantize_4bit"] and torch.equal(out, decode_4bit(packed, state))

@@ -5,7 +5,7 @@ import torch
 
 import minqlora as mq
 from minqlora import codebooks as cb
-from minqlora.build import EmulationUnavailable
+from minqlora.emulate import EmulationUnavailable
 from minqlora.nf4 import NF4_OFFSET
 
 # AF4 for blocksize 64 as published by Yoshida (2023) and shipped by bitsandbytes
