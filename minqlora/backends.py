@@ -45,7 +45,8 @@ from .build import find_compiler
 from .cpu_decode import decode_cpp
 from .emulate import launch_emulation
 from .launch import SUFFIX
-from .quant_state import QuantState, check_state
+from .quant_state import QuantState
+from .state_checks import check_state
 
 BACKENDS = ("auto", "torch", "cuda", "emulate", "cpp")
 DECODE_CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough for the cache

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .blockwise import ceil_div
-from .quant_state import check_state
+from .state_checks import check_state
 
 HERE = Path(__file__).resolve().parent
 # kernels/ sits inside minqlora/ in a wheel, beside it in a checkout (editable install)
@@ -77,7 +77,7 @@ def grid(n: int, source: str) -> tuple[int, int]:
 
 def check_launch(packed: torch.Tensor, state, out: torch.Tensor, checked: bool = False) -> None:
     """Raise ValueError unless packed, state and out have the sizes and places the kernel reads:
-    quant_state.check_state's rules (a 256-value dynamic code when nested among them; skipped
+    state_checks.check_state's rules (a 256-value dynamic code when nested among them; skipped
     when `checked`: dequantize_4bit has checked the state once already), every tensor on
     packed's device, and `out` a contiguous, 16-byte aligned (n,) float32 / bf16 / fp16 tensor."""
     if not checked:

@@ -113,7 +113,7 @@ def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
 
 
 def test_every_backend_validates_the_state_the_same_way(monkeypatch):
-    """One check (quant_state.check_state) before any backend runs, whichever is chosen."""
+    """One check (state_checks.check_state) before any backend runs, whichever is chosen."""
     packed, state = quantize_4bit(torch.randn(100), 64)
     state.blocksize = 32                                     # 4 blocks expected, 2 stored
     for backend in BACKENDS:

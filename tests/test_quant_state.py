@@ -8,8 +8,8 @@ from hypothesis.extra.numpy import arrays
 
 from minqlora.double_quant import DYNAMIC
 from minqlora.nf4 import CODES, NF4, get_code, unpack_4bit
-from minqlora.quant_state import (QuantState, absmax_state, check_state, decode_4bit,
-                                  quantize_4bit)
+from minqlora.quant_state import QuantState, absmax_state, decode_4bit, quantize_4bit
+from minqlora.state_checks import check_state
 
 
 def decode_by_hand(packed, absmax, code, n, blocksize):
