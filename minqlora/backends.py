@@ -14,6 +14,9 @@ seconds); everything else, and anything torch.compile traces (a ctypes or CuPy c
 traced; the compiled torch path is one fused loop), gets "torch". The emulation is there to
 run the GPU kernel's own text where there is no GPU (lesson 05), not for speed. A backend that
 cannot run raises, e.g. a compiler that fails to build; nothing falls back quietly to another.
+REGISTRY below is the one list: {name: (decode, whether auto picks it on a device)}, in auto's
+order; adding a backend is its module plus one line there. dequantize_4bit checks the state
+once and tells the decoder so (checked=True).
 
 All four compute lesson 04's definition (quant_state.decode_4bit), out[i] = code[nibble i] *
 absmax[i // blocksize] in float32, cast once; tests/test_backends.py proves them bit-identical.
@@ -48,7 +51,6 @@ from .launch import SUFFIX
 from .quant_state import QuantState
 from .state_checks import check_state
 
-BACKENDS = ("auto", "torch", "cuda", "emulate", "cpp")
 DECODE_CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough for the cache
 HUGE_PAGE = 1 << 21  # bytes: a transparent huge page on x86-64 (arm64 with 4 KiB pages)
 
@@ -62,11 +64,7 @@ def auto_backend(device) -> str:
     device = torch.device(device)
     if torch.compiler.is_compiling():
         return "torch"
-    if device.type == "cuda":
-        return "cuda" if cupy_or_none() is not None else "torch"
-    if device.type == "cpu" and sys.platform.startswith("linux") and _has_compiler():
-        return "cpp"
-    return "torch"
+    return next(name for name, (_, picked) in REGISTRY.items() if picked(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,6 +122,17 @@ def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor,
         out[first:last] = values.view(-1)[:last - first]              # the one cast to dtype
 
 
+# name: (decode(packed, state, out, checked=...), whether auto picks it for tensors on a device),
+# in auto's order. A new backend is a module with its decode plus one line here.
+REGISTRY = {
+    "cuda": (launch_cuda, lambda device: device.type == "cuda" and cupy_or_none() is not None),
+    "cpp": (decode_cpp, lambda device: device.type == "cpu" and sys.platform.startswith("linux")
+            and _has_compiler()),
+    "emulate": (launch_emulation, lambda device: False),     # for checking the kernel, not speed
+    "torch": (decode_in_chunks, lambda device: True),
+}
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend: str = "auto"):
     """packed bytes + state -> the weight in state.shape (default dtype: state.dtype), decoded by
     `backend`; all backends give the same bits.
@@ -136,8 +145,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     The kernels write float32, bfloat16 or float16; another dtype (float64) is decoded in float32
     and cast, which is exact, as on the torch path.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of "
+                         f"{('auto', *REGISTRY)}")
     check_dtype(dtype, "dequantize_4bit")
     check_state(packed, state, "dequantize_4bit")           # the one check of this decode
     if backend == "auto":
@@ -155,7 +165,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     dtype = dtype or state.dtype
     written = dtype if backend == "torch" or dtype in SUFFIX else torch.float32
     out = empty_output(state.shape.numel(), written, packed.device)            # (n,)
-    launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation,
-              "cpp": decode_cpp}
-    launch[backend](packed, state, out, checked=True)
+    decode, _ = REGISTRY[backend]
+    decode(packed, state, out, checked=True)
     return out.to(dtype).view(state.shape)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minqlora import backends
-from minqlora.backends import BACKENDS, decode_in_chunks, dequantize_4bit
+from minqlora.backends import REGISTRY, decode_in_chunks, dequantize_4bit
 from minqlora.double_quant import DYNAMIC
 from minqlora.nf4 import CODES
 from minqlora.quant_state import decode_4bit, quantize_4bit
@@ -62,12 +62,12 @@ def test_a_custom_code_decodes_unchanged_on_every_backend(backend, request):
 def _record_launches(monkeypatch):
     """Replace the four launchers by recorders (each still decodes, through the torch path)."""
     ran = []
-    for name in ("decode_in_chunks", "launch_emulation", "launch_cuda", "decode_cpp"):
-        def launcher(packed, state, out, name=name, checked=False):
+    for name, (decode, picked) in backends.REGISTRY.items():
+        def launcher(packed, state, out, name=decode.__name__, checked=False):
             ran.append(name)
             assert checked                      # dequantize_4bit checked the state, once
             decode_in_chunks(packed, state, out)
-        monkeypatch.setattr(backends, name, launcher)
+        monkeypatch.setitem(backends.REGISTRY, name, (launcher, picked))
     return ran
 
 
@@ -106,8 +106,9 @@ def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("building kernels/dequant_cpu.cpp with g++ failed")
-    monkeypatch.setattr(backends, "decode_cpp", broken)
-    monkeypatch.setattr(backends, "decode_in_chunks", lambda *a: pytest.fail("fell back"))
+    monkeypatch.setitem(backends.REGISTRY, "cpp", (broken, backends.REGISTRY["cpp"][1]))
+    monkeypatch.setitem(backends.REGISTRY, "torch", (lambda *a, **k: pytest.fail("fell back"),
+                                                     backends.REGISTRY["torch"][1]))
     with pytest.raises(RuntimeError, match="building kernels/dequant_cpu.cpp"):
         dequantize_4bit(packed, state)
 
@@ -116,7 +117,7 @@ def test_every_backend_validates_the_state_the_same_way(monkeypatch):
     """One check (state_checks.check_state) before any backend runs, whichever is chosen."""
     packed, state = quantize_4bit(torch.randn(100), 64)
     state.blocksize = 32                                     # 4 blocks expected, 2 stored
-    for backend in BACKENDS:
+    for backend in ("auto", *REGISTRY):
         with pytest.raises(ValueError, match="dequantize_4bit: expected 4 uint8 qabsmax values"):
             dequantize_4bit(packed, state, backend=backend)
 
@@ -185,3 +186,20 @@ def test_a_decode_checks_the_state_once(backend, monkeypatch, request):
     monkeypatch.setattr(launch, "check_state", counted)
     out = dequantize_4bit(packed, state, backend=backend)
     assert calls == ["dequantize_4bit"] and torch.equal(out, decode_4bit(packed, state))
+
+
+def test_a_backend_is_one_registry_entry(monkeypatch):
+    """REGISTRY is the one place that names the backends: a new entry is accepted by
+    dequantize_4bit and runs with the state checked; auto picks it where it says so, in the
+    registry's order (here first, for the meta device only)."""
+    ran = []
+
+    def decode(packed, state, out, checked=False):
+        ran.append(checked)
+        decode_in_chunks(packed, state, out)
+    picked = lambda device: device.type == "meta"                       # noqa: E731
+    monkeypatch.setattr(backends, "REGISTRY", {"mine": (decode, picked), **REGISTRY})
+    packed, state = quantize_4bit(torch.randn(100), 64)
+    assert torch.equal(dequantize_4bit(packed, state, backend="mine"), decode_4bit(packed, state))
+    assert ran == [True]
+    assert backends.auto_backend("meta") == "mine" and backends.auto_backend("cpu") != "mine"
