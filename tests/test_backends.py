@@ -29,8 +29,8 @@ def test_torch_backend_is_bit_identical_to_the_definition(n, log2_bs, nested, qu
 
 
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
-    """DECODE_CHUNK values per step: a tensor of several chunks plus a partial one, with a partial last
-    block, decodes as in one piece; so does a blocksize larger than a chunk."""
+    """DECODE_CHUNK values per step: a tensor of several chunks plus a partial one, with a
+    partial last block, decodes as in one piece; so does a blocksize larger than a chunk."""
     monkeypatch.setattr(backends, "DECODE_CHUNK", 256)
     for blocksize in (64, 1024):
         packed, state = quantize_4bit(gaussian((7, 333), seed=blocksize), blocksize)
