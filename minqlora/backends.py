@@ -14,13 +14,16 @@ seconds); everything else, and anything torch.compile traces (a ctypes or CuPy c
 traced; the compiled torch path is one fused loop), gets "torch". The emulation is there to
 run the GPU kernel's own text where there is no GPU (lesson 05), not for speed. A backend that
 cannot run raises, e.g. a compiler that fails to build; nothing falls back quietly to another.
+REGISTRY below is the one list: {name: (decode, whether auto picks it on a device)}, in auto's
+order; adding a backend is its module plus one line there. dequantize_4bit checks the state
+once and tells the decoder so (checked=True).
 
 All four compute lesson 04's definition (quant_state.decode_4bit), out[i] = code[nibble i] *
 absmax[i // blocksize] in float32, cast once; tests/test_backends.py proves them bit-identical.
 The torch backend reshapes the definition for speed:
 
     pairs[byte] = (code[byte >> 4], code[byte & 15])     a (256, 2) table: one lookup per byte
-    out[chunk]  = embedding(packed[chunk], pairs) * absmax[block]     CHUNK values per step
+    out[chunk]  = embedding(packed[chunk], pairs) * absmax[block]     DECODE_CHUNK per step
 
 Worked example: byte 0xC0 of an NF4 weight looks up pairs[192] = (NF4[12], NF4[0]) =
 (0.4407, -1.0); with absmax 2 it decodes to (0.8814, -2.0). A 4096x4096 weight is 64 chunks
@@ -45,10 +48,10 @@ from .build import find_compiler
 from .cpu_decode import decode_cpp
 from .emulate import launch_emulation
 from .launch import SUFFIX
-from .quant_state import QuantState, check_state
+from .quant_state import QuantState
+from .state_checks import check_state
 
-BACKENDS = ("auto", "torch", "cuda", "emulate", "cpp")
-CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough to stay in cache
+DECODE_CHUNK = 1 << 18  # values decoded per step: enough to vectorise, few enough for the cache
 HUGE_PAGE = 1 << 21  # bytes: a transparent huge page on x86-64 (arm64 with 4 KiB pages)
 
 
@@ -61,11 +64,7 @@ def auto_backend(device) -> str:
     device = torch.device(device)
     if torch.compiler.is_compiling():
         return "torch"
-    if device.type == "cuda":
-        return "cuda" if cupy_or_none() is not None else "torch"
-    if device.type == "cpu" and sys.platform.startswith("linux") and _has_compiler():
-        return "cpp"
-    return "torch"
+    return next(name for name, (_, picked) in REGISTRY.items() if picked(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,9 +97,12 @@ def empty_output(n: int, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
-def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> None:
+def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor,
+                     checked: bool = False) -> None:
     """The "torch" backend: decode packed bytes into `out` ((n,) of any float dtype) with a
-    byte -> (high, low) code table, CHUNK values at a time."""
+    byte -> (high, low) code table, DECODE_CHUNK values at a time (checked: the state was)."""
+    if not checked:
+        check_state(packed, state, "decode_in_chunks")
     code = torch.nn.functional.pad(state.code.to(packed.device, torch.float32),
                                    (0, 16 - state.code.numel()))       # INT4 leaves index 15 unused
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
@@ -111,13 +113,24 @@ def decode_in_chunks(packed: torch.Tensor, state: QuantState, out: torch.Tensor)
     data = packed.reshape(-1)
     if data.numel() * 2 < n_blocks * blocksize:                       # a partial last block
         data = torch.nn.functional.pad(data, (0, n_blocks * blocksize // 2 - data.numel()))
-    step = max(1, CHUNK // blocksize)                                  # blocks per chunk
+    step = max(1, DECODE_CHUNK // blocksize)                           # blocks per chunk
     for b in range(0, n_blocks, step):
         first, last = b * blocksize, min((b + step) * blocksize, n)   # values of this chunk
         chunk = data[first // 2:(b + step) * blocksize // 2].int()    # whole blocks of bytes
         values = torch.nn.functional.embedding(chunk, pairs)          # (bytes, 2) float32
         values = values.view(-1, blocksize).mul_(absmax[b:b + step, None])   # (blocks, blocksize)
         out[first:last] = values.view(-1)[:last - first]              # the one cast to dtype
+
+
+# name: (decode(packed, state, out, checked=...), whether auto picks it for tensors on a device),
+# in auto's order. A new backend is a module with its decode plus one line here.
+REGISTRY = {
+    "cuda": (launch_cuda, lambda device: device.type == "cuda" and cupy_or_none() is not None),
+    "cpp": (decode_cpp, lambda device: device.type == "cpu" and sys.platform.startswith("linux")
+            and _has_compiler()),
+    "emulate": (launch_emulation, lambda device: False),     # for checking the kernel, not speed
+    "torch": (decode_in_chunks, lambda device: True),
+}
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend: str = "auto"):
@@ -132,10 +145,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     The kernels write float32, bfloat16 or float16; another dtype (float64) is decoded in float32
     and cast, which is exact, as on the torch path.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"dequantize_4bit: unknown backend {backend!r}; choose one of "
+                         f"{('auto', *REGISTRY)}")
     check_dtype(dtype, "dequantize_4bit")
-    check_state(packed, state, "dequantize_4bit")
+    check_state(packed, state, "dequantize_4bit")           # the one check of this decode
     if backend == "auto":
         backend = auto_backend(packed.device)
     if backend == "cuda" and not packed.is_cuda:
@@ -151,7 +165,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
     dtype = dtype or state.dtype
     written = dtype if backend == "torch" or dtype in SUFFIX else torch.float32
     out = empty_output(state.shape.numel(), written, packed.device)            # (n,)
-    launch = {"torch": decode_in_chunks, "cuda": launch_cuda, "emulate": launch_emulation,
-              "cpp": decode_cpp}
-    launch[backend](packed, state, out)
+    decode, _ = REGISTRY[backend]
+    decode(packed, state, out, checked=True)
     return out.to(dtype).view(state.shape)

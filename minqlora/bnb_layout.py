@@ -28,7 +28,8 @@ from .blockwise import ceil_div
 from .double_quant import BLOCKSIZE2, DYNAMIC
 from .nf4 import CODES
 from ._checks import DECODABLE, MAX_SIZE, check_blocksize, check_numel
-from .quant_state import QuantState, absmax_state, check_state
+from .quant_state import QuantState, absmax_state
+from .state_checks import check_state
 
 QUANT_STATE = "quant_state.bitsandbytes__"      # + quant_type: the key of the JSON bytes
 

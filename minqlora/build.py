@@ -14,7 +14,8 @@ beside it when it is built and checked before it is loaded (a truncated or alter
 folder in its place, is rebuilt, never loaded). A new library is first loaded by a child
 process, so one that would end the process (a sanitizer's runtime) is refused with its message.
 A build killed part-way leaves build-<host>-<pid>-* behind; the next build removes it. No C++
-compiler: EmulationUnavailable, never a quiet fallback; every setup problem is a SetupError.
+compiler: CompilerUnavailable (its users name themselves: emulate.EmulationUnavailable,
+cpu_decode.CppDecoderUnavailable), never a quiet fallback; every setup problem is a SetupError.
 """
 import contextlib
 import ctypes
@@ -39,8 +40,8 @@ CXXFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-
 _BUILT = {}                                 # (source texts, $CXX) -> library
 
 
-class EmulationUnavailable(SetupError):
-    """No C++ compiler to build the CPU emulation of the kernel (or the CPU decoder)."""
+class CompilerUnavailable(SetupError):
+    """No C++ compiler to build a library (the emulation's, or the C++ decoder's)."""
 
 
 def build_library(files: dict, main: str, stem: str, optional=()) -> ctypes.CDLL:
@@ -63,7 +64,7 @@ def find_compiler():
     that names no program raises: it was asked for."""
     try:
         return shlex.join(compiler())
-    except EmulationUnavailable:
+    except CompilerUnavailable:
         if os.environ.get("CXX"):
             raise
         return None
@@ -75,19 +76,18 @@ def compiler() -> list:
     try:
         words = shlex.split(os.environ.get("CXX", ""))
     except ValueError as e:                 # an unclosed quote
-        raise EmulationUnavailable(f"$CXX={os.environ['CXX']!r} cannot be split: {e}") from None
+        raise CompilerUnavailable(f"$CXX={os.environ['CXX']!r} cannot be split: {e}") from None
     if words:
         found = shutil.which(words[0])
         if found is None:
-            raise EmulationUnavailable(f"$CXX is {os.environ['CXX']!r}, but {words[0]!r} is not "
-                                       "a program on the PATH; set CXX to a C++ compiler (g++ "
-                                       "or clang++, flags may follow) or unset it")
+            raise CompilerUnavailable(f"$CXX is {os.environ['CXX']!r}, but {words[0]!r} is not "
+                                      "a program on the PATH; set CXX to a C++ compiler (g++ "
+                                      "or clang++, flags may follow) or unset it")
         return [found, *words[1:]]
     found = next(filter(None, map(shutil.which, ["c++", "g++", "clang++"])), None)
     if found is None:
-        raise EmulationUnavailable("no C++ compiler found to build the kernel emulation or the "
-                                   "CPU decoder (looked for $CXX, c++, g++, clang++); install "
-                                   "one, e.g. `apt install g++`, or use backend='torch'")
+        raise CompilerUnavailable("no C++ compiler found (looked for $CXX, c++, g++, clang++); "
+                                  "install one, e.g. `apt install g++`, or use backend='torch'")
     return [found]
 
 

@@ -35,8 +35,8 @@ import os
 
 import torch
 
-from .build import build_library
-from .launch import KERNELS, kernel_args, kernel_source
+from .build import CompilerUnavailable, build_library
+from .launch import KERNELS, SUFFIX, c_pointers, kernel_args, kernel_source
 
 SOURCES = ("dequant_cpu.cpp", "dequant_x86.h", "round16.h")
 PATHS = ("scalar", "avx2", "avx512")   # bit k of the library's cpu_paths(): path k runs here
@@ -47,12 +47,19 @@ _LOADED = {}                                   # see _decoder
 MIN_WEIGHTS = 1 << 24  # per CPU thread at least: from 32M weights on, 2 threads pay when busy
 
 
+class CppDecoderUnavailable(CompilerUnavailable):
+    """No C++ compiler to build the C++ decoder of backend "cpp"."""
+
+
 def build_decoder() -> ctypes.CDLL:
     """Compile kernels/dequant_cpu.cpp (once per text) and load it; it exports
     decode_4bit_<f32|bf16|f16>[_nested], cpu_paths() and uses_openmp(). Raises
-    build.EmulationUnavailable without a C++ compiler."""
-    return build_library({name: kernel_source(name) for name in SOURCES}, SOURCES[0],
-                         "dequant_cpu", OPENMP)
+    CppDecoderUnavailable without a C++ compiler."""
+    try:
+        return build_library({name: kernel_source(name) for name in SOURCES}, SOURCES[0],
+                             "dequant_cpu", OPENMP)
+    except CompilerUnavailable as e:
+        raise CppDecoderUnavailable(f"the C++ decoder (backend='cpp'): {e}") from None
 
 
 def cpu_paths() -> list:
@@ -73,7 +80,7 @@ def _decoder() -> tuple:
 
 
 def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = None,
-               path: str = None) -> None:
+               path: str = None, checked: bool = False) -> None:
     """Decode packed + state into `out` ((n,) float32 / bfloat16 / float16 on the CPU) on
     n_workers threads (default: torch's thread count, each with MIN_WEIGHTS weights at least),
     on `path`, one of cpu_paths() (default: the last, the fastest this CPU runs).
@@ -81,18 +88,19 @@ def decode_cpp(packed: torch.Tensor, state, out: torch.Tensor, n_workers: int = 
     Worked example (test_worked_example in tests/test_cpu_decode.py runs it; not a doctest, so
     that a machine without a C++ compiler can skip it): quantize_4bit([-2.0, 2.0, 0.0]) is
     bytes [0x0F, 0x77] (the last nibble pads) with absmax 2.0; out16 = cast(NF4 * 2.0), and
-    out = [out16[0], out16[15], out16[7]] = [-2.0, 2.0, 0.0].
+    out = [out16[0], out16[15], out16[7]] = [-2.0, 2.0, 0.0]. checked: the state was checked
+    already (dequantize_4bit); the launch's own checks run always.
     """
-    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
+    _, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out, checked)
     lib, paths = _decoder()
     if path not in (None, *paths):
         raise ValueError(f"decode_cpp: path {path!r} does not run on this CPU; it runs {paths}")
     if not n_workers:
         n_workers = min(torch.get_num_threads(), max(1, n // MIN_WEIGHTS))
-    pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
-    run = getattr(lib, name.replace("dequant_", "decode_"))
+    run = getattr(lib, f"decode_4bit_{SUFFIX[out.dtype]}{'_nested' if state.nested else ''}")
     status = run(ctypes.c_int(n_workers), ctypes.c_int(PATHS.index(path or paths[-1])),
-                 *pointers, ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))
+                 *c_pointers(tensors), ctypes.c_longlong(n), ctypes.c_int(log2_bs),
+                 ctypes.c_int(log2_bs2))
     if status != 0:                    # the C++ bounds check: unreachable past check_state
         raise ValueError(f"decode_cpp: the decoder refused n={n}, log2 blocksizes "
                          f"{log2_bs}/{log2_bs2} (each must lie in 1..62)")

@@ -34,7 +34,7 @@ def cupy_or_none():
     return cupy
 
 
-def launch_cuda(packed, state, out) -> None:
+def launch_cuda(packed, state, out, checked: bool = False) -> None:
     """Run the kernel on packed's GPU into `out` ((n,) float32 / bfloat16 / float16 on the same
     GPU), on torch's current stream. Same arguments and bits as emulate.launch_emulation."""
     cupy = cupy_or_none()
@@ -42,7 +42,7 @@ def launch_cuda(packed, state, out) -> None:
         raise RuntimeError(f"dequantize_4bit(backend='cuda') needs CuPy, which cannot be "
                            f"imported here: {INSTALL}")
     source = kernel_source()
-    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
+    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out, checked)
     blocks, threads = grid(n, source)
     if blocks == 0:                                     # an empty tensor: CUDA refuses a 0 grid
         return

@@ -21,8 +21,8 @@ import platform
 
 import torch
 
-from .build import build_library
-from .launch import grid, kernel_args, kernel_source
+from .build import CompilerUnavailable, build_library
+from .launch import c_pointers, grid, kernel_args, kernel_source
 
 # The shim's threadIdx / __shared__ are thread_local in a dlopen'ed library. The initial-exec TLS
 # model would make each access one load but takes the loader's small static TLS reserve: the 4th
@@ -35,6 +35,10 @@ MIN_BLOCKS = 32  # grid blocks (8192 weights each) per CPU thread at least: star
                  # costs tens of microseconds, more than decoding a small weight
 
 
+class EmulationUnavailable(CompilerUnavailable):
+    """No C++ compiler to build the CPU emulation of the CUDA kernel (backend "emulate")."""
+
+
 def build_emulation(source: str = None) -> ctypes.CDLL:
     """Compile kernels/emulate.cpp + cuda_shim.h + `source` (default: dequant_nf4.cu) for the
     CPU, once per distinct text, and load it; it exports launch_<kernel name> for each kernel.
@@ -42,10 +46,14 @@ def build_emulation(source: str = None) -> ctypes.CDLL:
     when the build fails."""
     files = {"dequant_nf4.cu": kernel_source() if source is None else source,
              **{name: kernel_source(name) for name in ("cuda_shim.h", "round16.h", "emulate.cpp")}}
-    return build_library(files, "emulate.cpp", "dequant_emulate", TLS_DESC)
+    try:
+        return build_library(files, "emulate.cpp", "dequant_emulate", TLS_DESC)
+    except CompilerUnavailable as e:
+        raise EmulationUnavailable(f"the kernel emulation (backend='emulate'): {e}") from None
 
 
-def launch_emulation(packed, state, out, source: str = None, n_workers: int = None) -> None:
+def launch_emulation(packed, state, out, source: str = None, n_workers: int = None,
+                     checked: bool = False) -> None:
     """Run the kernel on the CPU into `out` ((n,) float32 / bfloat16 / float16): every
     (block, thread) of the grid, the blocks split over n_workers threads (default: torch's
     thread count, but no more threads than MIN_BLOCKS-block shares).
@@ -54,14 +62,13 @@ def launch_emulation(packed, state, out, source: str = None, n_workers: int = No
     machine without a C++ compiler must be able to skip it): bytes [0x0F, 0x70], NF4, one
     absmax 2.0, n = 3 -> out = [NF4[0] * 2, NF4[15] * 2, NF4[7] * 2] = [-2.0, 2.0, 0.0], the
     last nibble being padding. The grid is one block: thread 0 takes the tail path, threads
-    1..255 return at once.
+    1..255 return at once. checked: the state was checked already (dequantize_4bit).
     """
     source = kernel_source() if source is None else source
-    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out)
+    name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out, checked)
     blocks, threads = grid(n, source)
-    pointers = [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
     run = getattr(build_emulation(source), f"launch_{name}")
     if not n_workers:                   # torch's threads, each with MIN_BLOCKS blocks at least
         n_workers = min(torch.get_num_threads(), max(1, blocks // MIN_BLOCKS))
-    run(ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers), *pointers,
-        ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))
+    run(ctypes.c_longlong(blocks), ctypes.c_int(threads), ctypes.c_int(n_workers),
+        *c_pointers(tensors), ctypes.c_longlong(n), ctypes.c_int(log2_bs), ctypes.c_int(log2_bs2))

@@ -12,6 +12,7 @@ QuantState first (check_launch): a wrong absmax count would read past a buffer, 
 Both launchers use this module: the GPU one (cuda.py, through CuPy) and the CPU emulation
 (emulate.py). The source is read from kernels/, never kept as a Python string.
 """
+import ctypes
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .blockwise import ceil_div
-from .quant_state import check_state
+from .state_checks import check_state
 
 HERE = Path(__file__).resolve().parent
 # kernels/ sits inside minqlora/ in a wheel, beside it in a checkout (editable install)
@@ -74,12 +75,13 @@ def grid(n: int, source: str) -> tuple[int, int]:
     return blocks, threads
 
 
-def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
+def check_launch(packed: torch.Tensor, state, out: torch.Tensor, checked: bool = False) -> None:
     """Raise ValueError unless packed, state and out have the sizes and places the kernel reads:
-    quant_state.check_state's rules (a 256-value dynamic code when nested among them), every
-    tensor on packed's device, and `out` a contiguous, 16-byte aligned (n,) float32 / bf16 /
-    fp16 tensor."""
-    check_state(packed, state, "dequantize_4bit")
+    state_checks.check_state's rules (a 256-value dynamic code when nested among them; skipped
+    when `checked`: dequantize_4bit has checked the state once already), every tensor on
+    packed's device, and `out` a contiguous, 16-byte aligned (n,) float32 / bf16 / fp16 tensor."""
+    if not checked:
+        check_state(packed, state, "dequantize_4bit")
     n = state.shape.numel()
     tensors = [state.absmax, state.code]     # check_state: state2.code has 256 values, so
     if state.nested:                          # the kernel's code2[qabsmax] stays inside it
@@ -96,7 +98,7 @@ def check_launch(packed: torch.Tensor, state, out: torch.Tensor) -> None:
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
 
 
-def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
+def kernel_args(packed: torch.Tensor, state, out: torch.Tensor, checked: bool = False):
     """(kernel name, [7 input tensors or None, out], (n, log2 blocksize, log2 blocksize2)), in
     the order of the kernel's parameters; None where a plain (not nested) kernel has no input.
 
@@ -106,7 +108,7 @@ def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
     >>> name, [None if t is None else t.dtype for t in tensors[2:4]], ints
     ('dequant_4bit_bf16_nested', [None, torch.uint8], (100, 6, 8))
     """
-    check_launch(packed, state, out)
+    check_launch(packed, state, out, checked)
     code = torch.nn.functional.pad(state.code.float(), (0, 16 - state.code.numel()))  # (16,) f32
     packed = packed.reshape(-1)                                          # (ceil(n / 2),) uint8
     if packed.data_ptr() % 16:               # the kernel loads 16 bytes at a time: align a copy
@@ -122,3 +124,9 @@ def kernel_args(packed: torch.Tensor, state, out: torch.Tensor):
     log2_bs2 = state.state2.blocksize.bit_length() - 1 if state.nested else 0
     name = f"dequant_4bit_{SUFFIX[out.dtype]}{'_nested' if state.nested else ''}"
     return name, tensors + [bits], (state.shape.numel(), state.blocksize.bit_length() - 1, log2_bs2)
+
+
+def c_pointers(tensors: list) -> list:
+    """kernel_args' tensors as the C pointers a ctypes call takes (None: a null pointer), for
+    both CPU libraries, the emulation and the C++ decoder."""
+    return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]

@@ -9,15 +9,13 @@ Storage, all in buffers so .to(device) moves them (the course's names):
     offset         float32 ()                   the absmaxes' mean
     (double_quant=False: weight_packed, absmax float32 (n_blocks,), code)
 
-state_dict() speaks bitsandbytes' layout instead (bnb_layout.py), so a checkpoint written here
-loads in bitsandbytes and Transformers and back: weight (the bytes, (out*in/2, 1)),
-weight.absmax (qabsmax), weight.quant_map (code), weight.nested_absmax (absmax2),
-weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4 (JSON: blocksize, the original
-dtype, shape, offset), bias. load_state_dict checks such a state once, at load time, and
-takes its format (quant_type, blocksize, nesting, dtype) but refuses another shape; after a
-failed load the layer is as it was.
+state_dict() speaks bitsandbytes' layout instead (bnb_state_dict.py, a mixin: keys weight,
+weight.absmax, weight.quant_map, weight.nested_*, weight.quant_state.bitsandbytes__nf4, bias),
+so a checkpoint written here loads in bitsandbytes and Transformers and back; a failed load
+leaves the layer as it was.
 
-Compute, with the weight dequantized twice and never kept (Linear4bitFunction):
+Compute, with the weight dequantized twice and never kept (Linear4bitFunction). The buffers
+make one QuantState per forward (quant_state()); autograd keeps it on ctx for the backward:
 
     forward:   W = dequantize_4bit(bytes, state) in compute_dtype     (out, in), freed after
                y = x @ W.T + bias
@@ -29,7 +27,12 @@ On a CPU, dx for a 16-bit compute_dtype is computed in float32 (forward's W and 
 exactly, one float32 matmul, rounded once to compute_dtype): torch's CPU matmul in bf16 / fp16
 for this operand layout (W not transposed) is a plain loop without native bf16 hardware,
 0.1-0.5 GFLOP/s against tens in float32, which made it 90% of a training step. The float32
-product is also the exact one rounded once; forward keeps F.linear in compute_dtype.
+product is also the exact one rounded once; forward keeps F.linear in compute_dtype. Under
+torch.compile, dx is `dy @ W` in compute_dtype (as bitsandbytes computes it): the compiler fuses
+one layer's rounding of dx to bf16 with the next layer's widening back to float32 and drops
+both, so the widened form gave up to 2e-3 other gradients than eager; the 16-bit GEMM, which
+accumulates in float32 and rounds once, gives eager's bits in bf16 and eager's values within a
+rounding in fp16 (tests/test_compile.py).
 
 Worked example: a 4096x4096 weight stores 8 MiB of bytes + 256 KiB qabsmax + 4 KiB absmax2
 + 4 B offset: 4.127 bits per parameter instead of bf16's 16, and its 32 MiB bf16 copy lives
@@ -41,65 +44,46 @@ Left to other modules: the storage format (quant_state.py), the dequantize backe
 CPU decoder on Linux with a C++ compiler, else the torch path; set "torch", "cpp", "emulate" or
 "cuda" to choose), the adapters (lora.py) and whole-model conversion (qlora.py).
 """
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from .backends import dequantize_4bit
-from .bnb_layout import state_as_dict, state_from_dict
+from .bnb_state_dict import BnbStateDict
 from .lora import check_input
 from .quant_state import QuantState, absmax_state, quantize_4bit
 
 
-class Layout(NamedTuple):
-    """What a Linear4bit's QuantState holds besides its tensors (a constant for autograd), and
-    the dequantize backend its passes use."""
-    shape: torch.Size
-    blocksize: int
-    quant_type: str
-    dtype: torch.dtype
-    backend: str = "auto"
-
-    def state(self, absmax, code, absmax2=None, offset=None, shared=False) -> QuantState:
-        """The QuantState of these tensors; given absmax2 and offset, `absmax` is the uint8
-        qabsmax of a double-quantized state, its DYNAMIC table a copy of its own (shared=True:
-        one per device, for a state that never leaves a pass)."""
-        nested = {} if absmax2 is None else dict(offset=offset, state2=absmax_state(
-            absmax2, absmax.numel(), shared=shared))
-        return QuantState(absmax=absmax, code=code, blocksize=self.blocksize, shape=self.shape,
-                          dtype=self.dtype, quant_type=self.quant_type, **nested)
-
-
 class Linear4bitFunction(torch.autograd.Function):
-    """y = x @ dequantize(bytes, state).T + bias; saves only the bytes and the state's tensors."""
+    """y = x @ dequantize(bytes, state).T + bias. Saves the bytes and keeps the state on ctx, as
+    lesson 07's DequantLinear and bitsandbytes' MatMul4Bit do: one QuantState, two decodes."""
 
     @staticmethod
-    def forward(ctx, x, bias, layout, packed, *constants):
-        ctx.layout = layout
-        ctx.save_for_backward(packed, *constants)               # no full-precision W here
-        weight = dequantize_4bit(packed, layout.state(*constants, shared=True), x.dtype,
-                                 layout.backend)
+    def forward(ctx, x, bias, packed, state, backend="auto"):
+        ctx.state, ctx.backend = state, backend                 # the layer's buffers, no copy
+        ctx.save_for_backward(packed)                           # no full-precision W here
+        weight = dequantize_4bit(packed, state, x.dtype, backend)   # (out, in), freed on return
         return nn.functional.linear(x, weight, bias)            # (..., in) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):                                # grad_out: (..., out)
-        packed, *constants = ctx.saved_tensors
+        (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:                             # dequantize again, (out, in)
             dtype = grad_out.dtype                              # forward's W, bit for bit
-            weight = dequantize_4bit(packed, ctx.layout.state(*constants, shared=True), dtype,
-                                     ctx.layout.backend)
-            if grad_out.device.type == "cpu" and dtype.itemsize < 4:   # in float32 (see above)
+            weight = dequantize_4bit(packed, ctx.state, dtype, ctx.backend)
+            if grad_out.device.type == "cpu" and dtype.itemsize < 4 and \
+                    not torch.compiler.is_compiling():          # in float32 (see above)
                 grad_x = (grad_out.float() @ weight.float()).to(dtype)
             else:
                 grad_x = grad_out @ weight                      # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
-        return (grad_x, grad_bias) + (None,) * (2 + len(constants))
+            wide = torch.promote_types(grad_out.dtype, torch.float32)   # summed in float32,
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=wide)  # (out,)
+            grad_bias = grad_bias.to(grad_out.dtype)                      # rounded once
+        return grad_x, grad_bias, None, None, None
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(BnbStateDict, nn.Module):
     """nn.Linear's drop-in with a frozen 4-bit weight (NF4 + double quantization by default).
 
     >>> _ = torch.manual_seed(0)
@@ -165,21 +149,25 @@ class Linear4bit(nn.Module):
         for name, t in zip(self._constant_names(), (state.absmax, state.code, *nested)):
             self.register_buffer(name, t.to(device).clone())        # code: a shared table
 
-    def _constant_names(self) -> tuple:                        # Layout.state's argument order
+    def _constant_names(self) -> tuple:                        # the QuantState's tensors
         return ("qabsmax", "code", "absmax2", "offset") if self.double_quant else ("absmax", "code")
 
     def constants(self) -> tuple:
         """The state's buffers: qabsmax, code, absmax2, offset (or absmax, code)."""
         return tuple(self._buffers[name] for name in self._constant_names())
 
-    @property
-    def layout(self) -> Layout:
-        shape = torch.Size([self.out_features, self.in_features])
-        return Layout(shape, self.blocksize, self.quant_type, self.weight_dtype, self.backend)
-
-    def quant_state(self) -> QuantState:
-        """The QuantState of the stored weight, made of the layer's buffers."""
-        return self.layout.state(*self.constants())
+    def quant_state(self, shared: bool = False) -> QuantState:
+        """The QuantState of the stored weight, made of the layer's buffers (no copies). Its
+        state2.code, the dynamic table, is its own copy (shared=True: one per device, for the
+        state a forward pass carries to its backward and no further)."""
+        absmax, code, *nested = self.constants()
+        state = QuantState(absmax=absmax, code=code, blocksize=self.blocksize,
+                           shape=torch.Size([self.out_features, self.in_features]),
+                           dtype=self.weight_dtype, quant_type=self.quant_type)
+        if nested:
+            absmax2, state.offset = nested
+            state.state2 = absmax_state(absmax2, absmax.numel(), shared=shared)
+        return state
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
@@ -188,69 +176,9 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "Linear4bit")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = Linear4bitFunction.apply(x.to(self.compute_dtype), bias, self.layout,
-                                       self.weight_packed, *self.constants())
+        out = Linear4bitFunction.apply(x.to(self.compute_dtype), bias, self.weight_packed,
+                                       self.quant_state(shared=True), self.backend)
         return out.to(x.dtype)                                  # (..., out) in x's dtype
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """bitsandbytes' keys and order: weight, bias, weight.absmax, ... (bnb_layout.py)."""
-        tensors = state_as_dict(self.weight_packed, self.quant_state(), prefix + "weight")
-        destination[prefix + "weight"] = tensors.pop(prefix + "weight")
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        destination.update(tensors)
-
-    def parse_state_dict(self, state_dict, prefix: str = "") -> tuple:
-        """(packed, QuantState, bias or None) from this layer's keys in state_dict, checked
-        against the layer's shape; a ValueError naming the key otherwise. Changes nothing."""
-        name = prefix + "weight"
-        weight = {k: v for k, v in state_dict.items() if k == name or k.startswith(name + ".")}
-        packed, state = state_from_dict(weight, name)
-        if state.shape != (self.out_features, self.in_features):
-            raise ValueError(f"size mismatch for {name}: the checkpoint's weight has shape "
-                             f"{list(state.shape)}, this layer's is "
-                             f"{[self.out_features, self.in_features]} (out, in)")
-        bias = state_dict.get(prefix + "bias")
-        if bias is not None and self.bias is not None and bias.shape != self.bias.shape:
-            raise ValueError(f"size mismatch for {prefix}bias: shape {list(bias.shape)} in the "
-                             f"checkpoint, {list(self.bias.shape)} in this layer")
-        return packed, state, bias
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        """Check every key of this layer first; load nothing of it if one is wrong."""
-        mine = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-        has_bias = self.bias is not None
-        unexpected_keys += [prefix + k for k in mine if not (k == "weight" or k.startswith(
-            "weight.") or (k == "bias" and has_bias))]
-        missing_keys += [prefix + k for k in ("weight", "bias")[:1 + has_bias] if k not in mine]
-        if not any(k == "weight" or k.startswith("weight.") for k in mine):
-            return                                             # reported missing above
-        try:
-            packed, state, bias = self.parse_state_dict(state_dict, prefix)
-        except ValueError as error:
-            error_msgs.append(str(error))
-            return
-        device = self.weight_packed.device
-        self._set_state(packed.to(device, copy=True), state)
-        if bias is not None and has_bias:
-            with torch.no_grad():
-                self.bias.copy_(bias)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module's load_state_dict, all or nothing: after an error the layer is unchanged."""
-        kept = (dict(self._buffers), self.blocksize, self.double_quant, self.quant_type,
-                self.weight_dtype, None if self.bias is None else self.bias.detach().clone())
-        try:
-            return super().load_state_dict(state_dict, strict, assign)
-        except Exception:
-            buffers, self.blocksize, self.double_quant, self.quant_type, self.weight_dtype, b = kept
-            self._buffers.clear()
-            self._buffers.update(buffers)
-            if b is not None:
-                with torch.no_grad():
-                    self.bias.copy_(b)
-            raise
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() must not round the float32 constants: they only move with the

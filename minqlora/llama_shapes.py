@@ -10,7 +10,7 @@ final norm; with tie_word_embeddings (SmolLM2, lesson 12) the two are one tensor
 Worked example: LLaMA-2-70B (h 8192, m 28672, 80 blocks, 64 heads, 8 key-value heads) has k and
 v of 8192 x 1024, 855,654,400 parameters per block and 68,976,648,192 in all.
 """
-KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads")
 PRESETS = {  # Hugging Face config.json values of the LLaMA-1 models used in the QLoRA paper
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -63,11 +63,11 @@ def llama_config(config) -> dict:
                              f"{list(PRESETS) + list(LATER)} or pass a dict with Hugging Face "
                              "LLaMA keys")
         return {**PRESETS, **LATER}[config]
-    missing = [k for k in KEYS if k not in config]
+    missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"memory: config is missing {missing}; expected the Hugging Face LLaMA "
-                         f"keys {list(KEYS)}")
-    for k in KEYS:
+                         f"keys {list(CONFIG_KEYS)}")
+    for k in CONFIG_KEYS:
         check_count(config[k], f"memory: config[{k!r}]", 1)
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", 1)
     check_count(kv, "memory: config['num_key_value_heads']", 1)

@@ -29,7 +29,7 @@ import torch
 from ._checks import check_adamw_hyper, check_adamw_options, check_adamw_state
 from .pager import OutOfBudget, Pager
 
-KEYS = ("exp_avg", "exp_avg_sq")
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _adamw_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
@@ -96,9 +96,9 @@ class PagedAdamW(torch.optim.Optimizer):
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state, dtype = {"step": torch.tensor(0.0, dtype=scalar)}, self._state_dtype(p)  # step:
         if not self.is_paged:                                   # on CPU, as torch's AdamW keeps it
-            return state | {k: torch.zeros_like(p, dtype=dtype) for k in KEYS}
+            return state | {k: torch.zeros_like(p, dtype=dtype) for k in STATE_KEYS}
         with self.pager.transaction():                          # both or neither
-            return state | {k: self.pager.alloc(p.numel(), dtype) for k in KEYS}   # page ids
+            return state | {k: self.pager.alloc(p.numel(), dtype) for k in STATE_KEYS}   # page ids
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -182,9 +182,9 @@ class PagedAdamW(torch.optim.Optimizer):
                                params))
                 new = {ids[i]: self._checked(ids, i, s) for i, s in state_dict["state"].items()}
                 for s in old[0].values() if self.is_paged else ():
-                    self.pager.free([pid for k in KEYS for pid in s[k]])
+                    self.pager.free([pid for k in STATE_KEYS for pid in s[k]])
                 for p, s in new.items():
-                    for k in KEYS:
+                    for k in STATE_KEYS:
                         s[k] = (self.pager.alloc(p.numel(), s[k].dtype, data=s[k])
                                 if self.is_paged else s[k])
                 self.state = defaultdict(dict, new)

@@ -20,12 +20,15 @@ naming the numbers, before anything moves. Worked example:
 On a CPU-only machine the device is SIMULATED: both sides are CPU tensors, with the same logic,
 copies and counters (the mechanism, not PCIe speed). On CUDA, device pages are GPU tensors,
 host pages pinned CPU tensors, and `prefetch` copies on a side stream that `use` waits for.
-What the pages hold is paged_adam.py's business.
+This module is the policy (what to evict, when, and what fits); where each page is, the moves
+and their counters are the bookkeeping of pages.py's PageTable, which Pager extends. What the
+pages hold is paged_adam.py's business.
 """
 import contextlib
-from collections import OrderedDict
 
 import torch
+
+from .pages import PageTable, check_nbytes
 
 
 class OutOfBudget(RuntimeError):
@@ -35,7 +38,7 @@ class OutOfBudget(RuntimeError):
 PAGE_BYTES = 1 << 21  # a large page of CUDA unified memory
 
 
-class Pager:
+class Pager(PageTable):
     """Pages of 1-D tensors under a device budget (None: no limit); LRU eviction to host.
 
     page_bytes defaults to 2 MiB, or to an eighth of a smaller budget (a multiple of 64 bytes),
@@ -48,68 +51,14 @@ class Pager:
     def __init__(self, device_budget_bytes, page_bytes: int = None, device=None,
                  evict: bool = True, timeline: bool = False):
         if device_budget_bytes is not None:
-            _check_nbytes(device_budget_bytes, "Pager: device_budget_bytes", " or None")
+            check_nbytes(device_budget_bytes, "Pager: device_budget_bytes", " or None")
         if page_bytes is None:
             page_bytes = PAGE_BYTES if device_budget_bytes is None else \
                 max(64, min(PAGE_BYTES, device_budget_bytes // 8 // 64 * 64))
-        _check_nbytes(page_bytes, "Pager: page_bytes", lowest=1)
+        check_nbytes(page_bytes, "Pager: page_bytes", lowest=1)
+        super().__init__(device, timeline)
         self.budget = float("inf") if device_budget_bytes is None else device_budget_bytes
-        self.page_bytes, self.evict, self.timeline = page_bytes, evict, [] if timeline else None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.on_device = OrderedDict()  # pid -> (n,) tensor on the device, LRU first
-        self.on_host = {}               # pid -> (n,) tensor in host memory (pinned on CUDA)
-        self._next_id, self._in_use, self._stream = 0, (), None   # _stream: CUDA prefetch
-        self.page_ins = self.page_outs = self.bytes_moved = 0
-        self.resident_bytes = self.reserved_bytes = self.peak_bytes = 0
-
-    def stats(self) -> dict:
-        """The counters: page_ins, page_outs, bytes_moved, resident/reserved/peak_bytes."""
-        return {n: getattr(self, n) for n in ("page_ins", "page_outs", "bytes_moved",
-                                              "resident_bytes", "reserved_bytes", "peak_bytes")}
-
-    @property
-    def resident_pages(self) -> list:
-        """Ids of the pages on the device, least recently used first."""
-        return list(self.on_device)
-
-    def page(self, pid: int) -> torch.Tensor:
-        """Page pid's tensor, wherever it is (no paging, no counters)."""
-        return self.on_device[pid] if pid in self.on_device else self.on_host[pid]
-
-    def nbytes(self, pid: int) -> int:
-        return self.page(pid).nbytes
-
-    def _check_pids(self, pids, what: str) -> list:
-        unknown = [pid for pid in pids if pid not in self.on_device and pid not in self.on_host]
-        if unknown:
-            raise ValueError(f"Pager.{what}: no page with id {unknown[0]!r} (freed, or never "
-                             "allocated by this pager)")
-        return list(pids)
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """All of the calls inside the `with` block, or, if one raises, none of them: the pages,
-        their places, LRU order, counters and timeline are put back (what was written into a
-        page's tensor is not)."""
-        saved = (OrderedDict(self.on_device), dict(self.on_host), self.stats(), self._next_id,
-                 len(self.timeline or ()))
-        try:
-            yield self
-        except BaseException:
-            on_device, on_host, stats, self._next_id, events = saved
-            self._wait()
-            self.on_device.clear(), self.on_device.update(on_device)
-            self.on_host.clear(), self.on_host.update(on_host)
-            for name, value in stats.items():
-                setattr(self, name, value)
-            del (self.timeline or [])[events:]
-            raise
-
-    def mark(self, event: str, nbytes: int = 0) -> None:
-        """Update peak_bytes and log `event` (e.g. "step 3") on the timeline."""
-        self.peak_bytes = max(self.peak_bytes, self.resident_bytes + self.reserved_bytes)
-        if self.timeline is not None:
-            self.timeline.append((event, nbytes, self.resident_bytes, self.reserved_bytes))
+        self.page_bytes, self.evict, self._in_use = page_bytes, evict, ()
 
     def _check_room(self, nbytes: int, what: str) -> None:
         """OutOfBudget unless nbytes more fit once every page `use` does not hold is evicted."""
@@ -133,26 +82,6 @@ class Pager:
             f"them in use now), so at most {evictable} bytes can be evicted"
             + ("" if self.evict else " (evict=False: paging is off)"))
 
-    def _move(self, pid: int, to_device: bool, stream=None) -> None:
-        """Copy page pid to the device or to host memory (on `stream`: a CUDA side stream)."""
-        self._wait()
-        cuda = self.device.type == "cuda"
-        page = (self.on_host if to_device else self.on_device).pop(pid)
-        new = torch.empty(page.shape, dtype=page.dtype, pin_memory=cuda and not to_device,
-                          device=self.device if to_device else "cpu")
-        with torch.cuda.stream(stream):   # None: the current stream (always, on CPU)
-            new.copy_(page, non_blocking=cuda)
-        (self.on_device if to_device else self.on_host)[pid] = new
-        self.page_ins, self.page_outs = self.page_ins + to_device, self.page_outs + (not to_device)
-        self.resident_bytes += new.nbytes if to_device else -new.nbytes
-        self.bytes_moved += new.nbytes
-        self.mark("page_in" if to_device else "page_out", new.nbytes)
-
-    def _wait(self) -> None:
-        """CUDA: the current stream waits for the prefetch copies."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-
     def alloc(self, numel: int, dtype=torch.float32, data=None) -> tuple:
         """Page ids for `numel` elements (zeros, or a copy of 1-D `data`), on the device;
         each page holds page_bytes // itemsize elements, the last one fewer.
@@ -160,7 +89,7 @@ class Pager:
         >>> Pager(None, page_bytes=8, device="cpu").alloc(5)  # 2 + 2 + 1 float32
         (0, 1, 2)
         """
-        _check_nbytes(numel, "Pager.alloc: numel")
+        check_nbytes(numel, "Pager.alloc: numel")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"Pager.alloc: dtype must be a torch.dtype, got {dtype!r}")
         if data is not None and (not isinstance(data, torch.Tensor) or data.numel() != numel):
@@ -181,20 +110,6 @@ class Pager:
                 self.mark("alloc", n * dtype.itemsize)
                 pids.append(pid)
         return tuple(pids)
-
-    def free(self, pids) -> None:
-        """Forget these pages, wherever they are."""
-        pids = self._check_pids(pids, "free")
-        if len(set(pids)) != len(pids):
-            raise ValueError("Pager.free: a page id is listed twice")
-        self._wait()
-        for pid in pids:
-            if pid in self.on_device:
-                page = self.on_device.pop(pid)
-                self.resident_bytes -= page.nbytes
-            else:
-                page = self.on_host.pop(pid)
-            self.mark("free", page.nbytes)
 
     @contextlib.contextmanager
     def use(self, pids):
@@ -227,28 +142,16 @@ class Pager:
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
             self._move(pid, to_device=True, stream=self._stream)
 
-    def gather(self, pids) -> torch.Tensor:
-        """One 1-D copy of the pages' contents, read wherever they are (no paging, no counters)."""
-        pids = self._check_pids(pids, "gather")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # pending page-outs have landed on the host
-        return torch.cat([self.page(pid).to(self.device) for pid in pids])
-
     def reserve(self, nbytes: int) -> None:
         """Claim `nbytes` of the budget (a memory spike), evicting LRU pages to make room."""
-        _check_nbytes(nbytes, "Pager.reserve: nbytes")
+        check_nbytes(nbytes, "Pager.reserve: nbytes")
         self._make_room(nbytes, "reserve")
         self.reserved_bytes += nbytes
         self.mark("reserve", nbytes)
 
     def release(self, nbytes: int) -> None:
         """End (part of) a reservation. Pages come back lazily, when `use` touches them."""
-        _check_nbytes(nbytes, "Pager.release: nbytes", f" and <= {self.reserved_bytes}",
+        check_nbytes(nbytes, "Pager.release: nbytes", f" and <= {self.reserved_bytes}",
                       highest=self.reserved_bytes)
         self.reserved_bytes -= nbytes
         self.mark("release", nbytes)
-
-
-def _check_nbytes(value, what: str, also: str = "", lowest: int = 0, highest=float("inf")):
-    if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= highest:
-        raise ValueError(f"{what} must be an int >= {lowest}{also}, got {value!r}")

@@ -3,7 +3,8 @@
     quantize_4bit:  absmax per block -> s = x * (1/absmax) -> index of the nearest code entry
                     -> two indices per byte, element 0 in the high nibble (lessons 02, 03);
                     the absmaxes double quantized (double_quant.py) unless double_quant=False;
-                    done CHUNK values at a time, so a big weight's temporaries stay in cache
+                    done QUANTIZE_CHUNK values at a time, so a big weight's temporaries stay
+                    in cache
     decode_4bit:    x_hat = code[index] * absmax[block], in float32, cast once to the dtype
 
 QuantState holds everything but the bytes, laid out like bitsandbytes' QuantState: absmax
@@ -23,12 +24,13 @@ from typing import Optional
 
 import torch
 
-from ._checks import DECODABLE, check_blocksize, check_code, check_dtype, check_float, check_numel
+from ._checks import check_blocksize, check_code, check_dtype, check_float
 from .blockwise import ceil_div, dequantize_blockwise, nearest_code, scale_blocks
 from .double_quant import BLOCKSIZE2, DYNAMIC, double_dequantize, double_quantize
 from .nf4 import get_code, pack_4bit, unpack_4bit
+from .state_checks import check_state
 
-CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the CPU's cache
+QUANTIZE_CHUNK = 1 << 18  # values quantized per step: the temporaries stay in the cache
 SCREENED = (torch.float32, torch.bfloat16, torch.float16)  # a finite sum: finite, in range
 
 
@@ -125,61 +127,6 @@ def absmax_state(absmax2: torch.Tensor, n_absmax: int, code: torch.Tensor = None
                       shape=torch.Size([n_absmax]), dtype=torch.float32, quant_type="dynamic")
 
 
-def check_state(packed: torch.Tensor, state: QuantState, where: str) -> None:
-    """A TypeError / ValueError unless packed and state fit together: ceil(n/2) uint8 bytes for
-    state.shape (a torch.Size of n <= 2^62 values, counted without wrapping around), a DECODABLE
-    state.dtype, a power-of-two blocksize <= 2^62 (C++'s shifts stay defined), a 1-D
-    float code of 2 to 16 values, one absmax per block (float; uint8 when nested) and, when
-    nested, one float offset and a state2 with a power-of-two blocksize, one float absmax2 per
-    state2.blocksize absmaxes and a 256-value float code, all 1-D (or 0-d). Shapes and dtypes
-    only: no tensor value is read (no device sync), so it is cheap enough for every call."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"{where}: expected a QuantState, got {type(state).__name__}")
-    if not isinstance(state.shape, torch.Size) or any(d < 0 for d in state.shape):
-        raise TypeError(f"{where}: state.shape must be a torch.Size, got {state.shape!r}")
-    if state.dtype not in DECODABLE:
-        raise TypeError(f"{where}: state.dtype (what was quantized) must be a floating-point "
-                        f"dtype ({', '.join(str(d)[6:] for d in DECODABLE)}), got {state.dtype!r}")
-    n, nested, uint8 = check_numel(state.shape, where), state.state2 is not None, torch.uint8
-    _fits(packed, ceil_div(n, 2), uint8, where, lambda: f"{ceil_div(n, 2)} uint8 bytes for "
-          f"shape {tuple(state.shape)}", any_shape=True)      # messages made only on failure
-    check_blocksize(state.blocksize, where)
-    code = state.code
-    if not isinstance(code, torch.Tensor) or code.dim() != 1 or not 2 <= code.numel() <= 16 \
-            or not code.is_floating_point():
-        raise ValueError(f"{where}: a 4-bit code is a 1-D floating-point tensor of 2 to 16 "
-                         f"entries, got {_got(code)}")
-    n_blocks = ceil_div(n, state.blocksize)
-    _fits(state.absmax, n_blocks, uint8 if nested else None, where, lambda: f"{n_blocks} "
-          f"{'uint8 q' if nested else 'float '}absmax values for {n} weights at blocksize "
-          f"{state.blocksize}")
-    if nested:
-        inner = state.state2
-        if not isinstance(inner, QuantState):
-            raise TypeError(f"{where}: state.state2 must be a QuantState, got {_got(inner)}")
-        check_blocksize(inner.blocksize, where, "state2.blocksize")
-        n_absmax2 = ceil_div(n_blocks, inner.blocksize)
-        _fits(state.offset, 1, None, where, lambda: "one float offset (the absmaxes' mean)")
-        _fits(inner.absmax, n_absmax2, None, where, lambda: f"{n_absmax2} float absmax2 values "
-              f"for {n_blocks} absmaxes at state2.blocksize {inner.blocksize}")
-        _fits(inner.code, 256, None, where, lambda: "a 256-value float state2.code (the "
-              "dynamic code; qabsmax indexes it)")
-
-
-def _got(t) -> str:
-    return f"{t.numel()} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _fits(t, numel: int, dtype, where: str, expected, any_shape: bool = False) -> None:
-    """t holds numel values of `dtype` (None: any floating-point dtype), in one dimension (or
-    none) unless any_shape; else a ValueError saying expected()."""
-    if isinstance(t, torch.Tensor) and t.numel() == numel and (any_shape or t.dim() <= 1) and \
-            (t.dtype == dtype if dtype is not None else t.dtype.is_floating_point):
-        return
-    got = f"{_got(t)}{f' in shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else ''}"
-    raise ValueError(f"{where}: expected {expected()}, got {got}")
-
-
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                   double_quant: bool = True, code: torch.Tensor = None
                   ) -> tuple[torch.Tensor, QuantState]:
@@ -205,7 +152,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     n, flat = x.numel(), x.reshape(-1)
     absmax = torch.empty(ceil_div(n, blocksize), dtype=torch.float32, device=x.device)
     packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=x.device)
-    step = max(1, CHUNK // blocksize)           # whole blocks per chunk; every chunk but the
+    step = max(1, QUANTIZE_CHUNK // blocksize)  # whole blocks per chunk; every chunk but the
     for b in range(0, absmax.numel(), step):    # last holds an even number of values
         first, last = b * blocksize, min((b + step) * blocksize, n)
         scaled, absmax[b:b + step] = scale_blocks(flat[first:last], blocksize)

@@ -19,7 +19,7 @@ def bnb_functional():
 def emulation():
     """The kernel's CPU emulation, built (once per session) from kernels/, or skip without a
     C++ compiler."""
-    from minqlora.build import EmulationUnavailable
+    from minqlora.emulate import EmulationUnavailable
     from minqlora.emulate import build_emulation
     try:
         return build_emulation()
@@ -31,11 +31,10 @@ def emulation():
 def decoder():
     """The CPU decoder of backend "cpp" (kernels/dequant_cpu.cpp), built once per session, or
     skip without a C++ compiler."""
-    from minqlora.cpu_decode import build_decoder
-    from minqlora.build import EmulationUnavailable
+    from minqlora.cpu_decode import CppDecoderUnavailable, build_decoder
     try:
         return build_decoder()
-    except EmulationUnavailable as e:
+    except CppDecoderUnavailable as e:
         pytest.skip(str(e))
 
 

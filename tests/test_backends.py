@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minqlora import backends
-from minqlora.backends import BACKENDS, decode_in_chunks, dequantize_4bit
+from minqlora.backends import REGISTRY, decode_in_chunks, dequantize_4bit
 from minqlora.double_quant import DYNAMIC
 from minqlora.nf4 import CODES
 from minqlora.quant_state import decode_4bit, quantize_4bit
@@ -29,9 +29,9 @@ def test_torch_backend_is_bit_identical_to_the_definition(n, log2_bs, nested, qu
 
 
 def test_torch_backend_across_chunk_boundaries(monkeypatch):
-    """CHUNK values per step: a tensor of several chunks plus a partial one, with a partial last
-    block, decodes as in one piece; so does a blocksize larger than a chunk."""
-    monkeypatch.setattr(backends, "CHUNK", 256)
+    """DECODE_CHUNK values per step: a tensor of several chunks plus a partial one, with a
+    partial last block, decodes as in one piece; so does a blocksize larger than a chunk."""
+    monkeypatch.setattr(backends, "DECODE_CHUNK", 256)
     for blocksize in (64, 1024):
         packed, state = quantize_4bit(gaussian((7, 333), seed=blocksize), blocksize)
         out = torch.empty(7 * 333, dtype=torch.bfloat16)
@@ -62,11 +62,12 @@ def test_a_custom_code_decodes_unchanged_on_every_backend(backend, request):
 def _record_launches(monkeypatch):
     """Replace the four launchers by recorders (each still decodes, through the torch path)."""
     ran = []
-    for name in ("decode_in_chunks", "launch_emulation", "launch_cuda", "decode_cpp"):
-        def launcher(packed, state, out, name=name):
+    for name, (decode, picked) in backends.REGISTRY.items():
+        def launcher(packed, state, out, name=decode.__name__, checked=False):
             ran.append(name)
+            assert checked                      # dequantize_4bit checked the state, once
             decode_in_chunks(packed, state, out)
-        monkeypatch.setattr(backends, name, launcher)
+        monkeypatch.setitem(backends.REGISTRY, name, (launcher, picked))
     return ran
 
 
@@ -103,19 +104,20 @@ def test_auto_never_falls_back_when_its_backend_fails(monkeypatch):
     monkeypatch.setattr(backends, "_has_compiler", lambda: True)
     monkeypatch.setattr(backends.sys, "platform", "linux")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("building kernels/dequant_cpu.cpp with g++ failed")
-    monkeypatch.setattr(backends, "decode_cpp", broken)
-    monkeypatch.setattr(backends, "decode_in_chunks", lambda *a: pytest.fail("fell back"))
+    monkeypatch.setitem(backends.REGISTRY, "cpp", (broken, backends.REGISTRY["cpp"][1]))
+    monkeypatch.setitem(backends.REGISTRY, "torch", (lambda *a, **k: pytest.fail("fell back"),
+                                                     backends.REGISTRY["torch"][1]))
     with pytest.raises(RuntimeError, match="building kernels/dequant_cpu.cpp"):
         dequantize_4bit(packed, state)
 
 
 def test_every_backend_validates_the_state_the_same_way(monkeypatch):
-    """One check (quant_state.check_state) before any backend runs, whichever is chosen."""
+    """One check (state_checks.check_state) before any backend runs, whichever is chosen."""
     packed, state = quantize_4bit(torch.randn(100), 64)
     state.blocksize = 32                                     # 4 blocks expected, 2 stored
-    for backend in BACKENDS:
+    for backend in ("auto", *REGISTRY):
         with pytest.raises(ValueError, match="dequantize_4bit: expected 4 uint8 qabsmax values"):
             dequantize_4bit(packed, state, backend=backend)
 
@@ -164,3 +166,40 @@ def test_a_big_output_asked_for_huge_pages_holds_the_same_bits(backend, request)
     for dtype in (torch.float32, torch.bfloat16):
         got = dequantize_4bit(packed, state, dtype, backend=backend)
         assert torch.equal(bits(got), bits(decode_4bit(packed, state, dtype)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "emulate"])
+def test_a_decode_checks_the_state_once(backend, monkeypatch, request):
+    """dequantize_4bit checks the state, then tells the backend (checked=True): the launch
+    checks only what is its own (devices, the output), not the state a second time."""
+    import minqlora.launch as launch
+    if backend != "torch":                              # skip without a C++ compiler
+        request.getfixturevalue({"cpp": "decoder", "emulate": "emulation"}[backend])
+    packed, state = quantize_4bit(torch.randn(300), 64)
+    calls = []
+    real = backends.check_state
+
+    def counted(*args):
+        calls.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(backends, "check_state", counted)
+    monkeypatch.setattr(launch, "check_state", counted)
+    out = dequantize_4bit(packed, state, backend=backend)
+    assert calls == ["dequantize_4bit"] and torch.equal(out, decode_4bit(packed, state))
+
+
+def test_a_backend_is_one_registry_entry(monkeypatch):
+    """REGISTRY is the one place that names the backends: a new entry is accepted by
+    dequantize_4bit and runs with the state checked; auto picks it where it says so, in the
+    registry's order (here first, for the meta device only)."""
+    ran = []
+
+    def decode(packed, state, out, checked=False):
+        ran.append(checked)
+        decode_in_chunks(packed, state, out)
+    picked = lambda device: device.type == "meta"                       # noqa: E731
+    monkeypatch.setattr(backends, "REGISTRY", {"mine": (decode, picked), **REGISTRY})
+    packed, state = quantize_4bit(torch.randn(100), 64)
+    assert torch.equal(dequantize_4bit(packed, state, backend="mine"), decode_4bit(packed, state))
+    assert ran == [True]
+    assert backends.auto_backend("meta") == "mine" and backends.auto_backend("cpu") != "mine"

@@ -175,7 +175,7 @@ def test_cxx_with_flags_is_used(cache, emulation, monkeypatch):
 ])
 def test_a_bad_cxx_is_refused(cache, monkeypatch, cxx, match):
     monkeypatch.setenv("CXX", cxx)
-    with pytest.raises(build.EmulationUnavailable, match=match):
+    with pytest.raises(emulate.EmulationUnavailable, match=match):
         emulate.build_emulation()
 
 

@@ -5,7 +5,7 @@ import torch
 
 import minqlora as mq
 from minqlora import codebooks as cb
-from minqlora.build import EmulationUnavailable
+from minqlora.emulate import EmulationUnavailable
 
 # AF4 for blocksize 64 as published by Yoshida (2023) and shipped by bitsandbytes
 # (functional.get_4bit_type("af4", blocksize=64), there in descending order).

@@ -166,7 +166,7 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(build, "_BUILT", {})
     packed, state = quantize_4bit(torch.randn(10))
-    with pytest.raises(build.EmulationUnavailable, match="no C.. compiler found"):
+    with pytest.raises(emulate.EmulationUnavailable, match="no C.. compiler found"):
         dequantize_4bit(packed, state, backend="emulate")
 
 

@@ -16,7 +16,8 @@ from minqlora.linear4bit import Linear4bit
 from minqlora.microscaling import (dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4,
                                    quantize_nvfp4)
 from minqlora.paged_adam import PagedAdamW
-from minqlora.quant_state import QuantState, check_state, decode_4bit, quantize_4bit
+from minqlora.quant_state import decode_4bit, quantize_4bit
+from minqlora.state_checks import check_state
 
 BACKENDS = ["torch", "cpp", "emulate"]
 KEY = "weight.quant_state.bitsandbytes__nf4"

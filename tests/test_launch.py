@@ -62,7 +62,7 @@ def test_a_misaligned_packed_view_is_copied_aligned():
 
 
 def test_check_launch_keeps_the_kernel_inside_its_buffers():
-    """The shared state checks (quant_state.check_state) plus what only the kernel needs."""
+    """The shared state checks (state_checks.check_state) plus what only the kernel needs."""
     packed, state = quantize_4bit(torch.randn(100), 64)
     out = torch.empty(100)
     with pytest.raises(ValueError, match="expected 50 uint8 bytes"):

@@ -10,7 +10,7 @@ from torch import nn
 
 import minqlora.linear4bit as linear4bit_module
 from minqlora.backends import dequantize_4bit
-from minqlora.linear4bit import Layout, Linear4bit, Linear4bitFunction
+from minqlora.linear4bit import Linear4bit, Linear4bitFunction
 from minqlora.nf4 import FP4, NF4
 from minqlora.quant_state import quantize_4bit
 
@@ -35,13 +35,13 @@ def test_buffers_hold_exactly_quantize_4bit_output():
 
 
 def test_quant_state_is_made_of_the_buffers():
-    """quant_state(): the layout's fields, the buffers themselves (no copies), state2 as
+    """quant_state(): the layer's format, the buffers themselves (no copies), state2 as
     quantize_4bit builds it; plain layers have no offset or state2."""
     layer = Linear4bit.from_linear(linear(96, 40), blocksize=32, quant_type="fp4")
     state = layer.quant_state()
-    assert layer.layout == Layout(torch.Size([40, 96]), 32, "fp4", torch.float32)
-    assert (state.shape, state.blocksize, state.quant_type, state.dtype) == layer.layout[:4]
-    assert layer.layout.backend == "auto"                    # the dequantize backend it uses
+    assert (state.shape, state.blocksize, state.quant_type, state.dtype) == (
+        torch.Size([40, 96]), 32, "fp4", torch.float32)
+    assert layer.backend == "auto"                           # the dequantize backend it uses
     assert state.absmax is layer.qabsmax and state.code is layer.code
     assert state.offset is layer.offset and state.state2.absmax is layer.absmax2
     _, reference = quantize_4bit(linear(96, 40).weight.detach(), 32, "fp4")
@@ -70,7 +70,7 @@ def test_gradcheck_float64():
     x = gaussian((3, 12), seed=2, dtype=torch.float64).requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
     def fn(x, b):
-        return Linear4bitFunction.apply(x, b, layer.layout, layer.weight_packed, *layer.constants())
+        return Linear4bitFunction.apply(x, b, layer.weight_packed, layer.quant_state(), "auto")
     assert torch.autograd.gradcheck(fn, (x, bias))
     layer.bias.requires_grad_(True)                             # and through the module, 3-D x
     x3 = gaussian((2, 3, 12), seed=3, dtype=torch.float64).requires_grad_()
@@ -141,10 +141,9 @@ def test_quantization_error_is_what_nf4_promises():
 
 
 def test_backward_saves_no_full_precision_weight():
-    """Every tensor autograd saves for this layer's backward is the packed bytes or a state
-    tensor: total bytes = packed + constants, never an (out, in) float matrix."""
+    """Autograd saves the packed bytes only (the state rides on ctx, as in lesson 07): never an
+    (out, in) float matrix, nor a copy of the constants."""
     layer = Linear4bit.from_linear(linear(256, 128, bias=False))
-    layer_bytes = sum(b.nbytes for b in layer.buffers())
     saved = []
 
     def pack(t):
@@ -155,7 +154,7 @@ def test_backward_saves_no_full_precision_weight():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
     assert not any(dtype.is_floating_point and shape == (128, 256) for shape, dtype, _ in saved)
-    assert sum(n for *_, n in saved) == layer_bytes == 128 * 256 // 2 + 512 + 2 * 4 + 4 + 64, saved
+    assert saved == [((128 * 256 // 2,), torch.uint8, 128 * 256 // 2)], saved
     out.sum().backward()
     assert x.grad is not None and x.grad.shape == (8, 256)
 
@@ -591,9 +590,10 @@ def test_strict_false_loads_what_is_there_as_nn_linear_does():
 def test_load_checks_once_and_forward_checks_nothing_more(monkeypatch):
     """Validation runs at load time; forward goes straight to the dequantizer."""
     import minqlora.bnb_layout as layout
+    import minqlora.bnb_state_dict as bnb_state_dict
     calls = []
     real = layout.state_from_dict
-    monkeypatch.setattr(linear4bit_module, "state_from_dict",
+    monkeypatch.setattr(bnb_state_dict, "state_from_dict",
                         lambda *a: calls.append(1) or real(*a))
     layer = Linear4bit(64, 16)
     layer.load_state_dict(Linear4bit(64, 16).state_dict())

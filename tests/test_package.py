@@ -12,14 +12,17 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "minqlora"
 LESSON = {"_checks": 1, "absmax": 1, "blockwise": 2, "nf4": 3, "double_quant": 4,
-          "quant_state": 4, "launch": 5, "build": 5, "emulate": 5, "cuda": 5, "cpu_decode": 5, "backends": 5, "lora": 6,
-          "linear4bit": 7, "save_guard": 7, "qlora": 7, "merge": 7, "pager": 8, "paged_adam": 8, "toy": 9, "training": 9,
+          "quant_state": 4, "state_checks": 4, "launch": 5, "build": 5, "emulate": 5, "cuda": 5, "cpu_decode": 5, "backends": 5, "lora": 6,
+          "linear4bit": 7, "bnb_state_dict": 7, "save_guard": 7, "qlora": 7, "merge": 7, "pages": 8, "pager": 8, "paged_adam": 8, "toy": 9, "training": 9,
           "finetune": 9, "memory": 9, "bnb_layout": 7, "checkpoint": 10, "adapter": 10,
           "folders": 10, "load_plan": 10, "files": 10,
           "codebooks": 11, "microscaling": 11, "compare": 11, "tour": 11, "llama_shapes": 9,
           "mx_state": 11, "models": 12, "distributed": 13}
 TESTS = Path(__file__).parent
 TEST_FILE = {"tour": "test_cli",          # the tour is the command line's default command
+             "bnb_state_dict": "test_linear4bit",   # Linear4bit's state_dict, through the layer
+             "state_checks": "test_quant_state",    # with the states quantize_4bit makes
+             "pages": "test_pager",                 # the pager's bookkeeping, through the Pager
              "build": "test_build_cache", "files": "test_hostile_files",
              "mx_state": "test_hostile_states",
              # the Transformers folders, the load's plan and the save_pretrained guard: tested

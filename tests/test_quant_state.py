@@ -8,8 +8,8 @@ from hypothesis.extra.numpy import arrays
 
 from minqlora.double_quant import DYNAMIC
 from minqlora.nf4 import CODES, NF4, get_code, unpack_4bit
-from minqlora.quant_state import (QuantState, absmax_state, check_state, decode_4bit,
-                                  quantize_4bit)
+from minqlora.quant_state import QuantState, absmax_state, decode_4bit, quantize_4bit
+from minqlora.state_checks import check_state
 
 
 def decode_by_hand(packed, absmax, code, n, blocksize):
@@ -495,13 +495,13 @@ def test_quantize_4bit_gives_the_step_by_step_bytes(n, log2_bs, quant_type, dtyp
 
 
 def test_quantize_4bit_is_the_same_in_chunks_as_in_one_piece(monkeypatch):
-    """CHUNK values per step: many chunks plus a partial one, a partial last block, an odd
+    """QUANTIZE_CHUNK values per step: many chunks plus a partial one, a partial last block, an odd
     count, a blocksize larger than a chunk, FP4's unsorted table; double quantization too."""
     from minqlora import quant_state
     x = gaussian((7, 333), seed=5).bfloat16()
     for blocksize, quant_type in ((64, "nf4"), (64, "fp4"), (1024, "int4"), (2, "nf4")):
         whole = quantize_4bit(x, blocksize, quant_type)
-        monkeypatch.setattr(quant_state, "CHUNK", 256)
+        monkeypatch.setattr(quant_state, "QUANTIZE_CHUNK", 256)
         chunked = quantize_4bit(x, blocksize, quant_type)
         monkeypatch.undo()
         assert torch.equal(chunked[0], whole[0])

@@ -18,7 +18,7 @@ import torch
 import minqlora as mq
 from minqlora.backends import auto_backend, empty_output
 from minqlora.bench import interleaved_best, load, optional, print_table, thread_counts, threads
-from minqlora.build import EmulationUnavailable
+from minqlora.build import CompilerUnavailable
 from minqlora.cpu_decode import cpu_paths, decode_cpp
 from minqlora.double_quant import constants_nbytes
 from minqlora.emulate import build_emulation
@@ -55,7 +55,7 @@ def _cpp_paths() -> list:
     """The paths of backend "cpp" this CPU runs (cpu_decode.cpu_paths), none without a compiler."""
     try:
         return cpu_paths()
-    except EmulationUnavailable:
+    except CompilerUnavailable:                     # the decoder's: CppDecoderUnavailable
         return []
 
 
@@ -92,7 +92,7 @@ def run_cpu(quick: bool = False) -> dict:
     try:
         build_emulation(), cpu_paths()
         compiled = True
-    except EmulationUnavailable as e:
+    except CompilerUnavailable as e:                # either library's
         print(f"\n[kernel] emulation and C++ decoder skipped: {e}")
         compiled = False
     auto = auto_backend(w.device)

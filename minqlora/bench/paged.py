@@ -17,7 +17,7 @@ import torch
 
 from ..paged_adam import PagedAdamW
 from ..pager import Pager
-from . import print_table
+from . import print_table, threads
 
 
 def _keep_freed_memory() -> None:
@@ -48,9 +48,7 @@ def run(quick: bool = False) -> None:
     pagers = [getattr(opt, "pager", None) for _, opt, _ in cases]
     before = [pager and pager.stats() for pager in pagers]
     best, rounds, start = [float("inf")] * len(cases), 0, time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         while rounds < 3 or (time.perf_counter() - start < seconds and rounds < 100):
             for i in [(rounds + j) % len(cases) for j in range(len(cases))]:   # rotated
                 _, opt, spike = cases[i]
@@ -63,8 +61,6 @@ def run(quick: bool = False) -> None:
                     torch.cuda.synchronize()
                 best[i] = min(best[i], time.perf_counter() - t0)
             rounds += 1
-    finally:
-        torch.set_num_threads(threads)
     rows = []
     for (name, _, _), pager, was, t in zip(cases, pagers, before, best):
         moved = "-" if pager is None else "{:.0f} / {:.0f}".format(
