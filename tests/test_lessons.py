@@ -42,6 +42,17 @@ def test_lesson_has_the_course_shape(path):
     assert re.search(r"exercise", md, re.I), f"{path.name} has no exercises"
 
 
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_nbval_markers_stand_alone(path):
+    """nbval reads a marker only when it is the whole line: `# NBVAL_IGNORE_OUTPUT (why)` is
+    silently not a marker, and the cell's output is compared after all."""
+    nb = json.loads(path.read_text())
+    for c in nb["cells"]:
+        for line in "".join(c["source"]).splitlines():
+            if "NBVAL_" in line and line.lstrip().startswith("#"):
+                assert re.fullmatch(r"\s*#\s*NBVAL_[A-Z_]+\s*", line), f"{path.name}: {line!r}"
+
+
 # The lesson's code is the module's code (issue 23, item 3) ------------------------------------
 PACKAGE = Path(__file__).parent.parent / "minqlora"
 NOT_BUILT = {"exercises", "bench"}   # the lessons' checks and the speed runs: no lesson builds them
