@@ -96,7 +96,11 @@ def estimate(config, method: str, r: int = 64, target_modules=LINEARS, blocksize
     training usually keeps (full16 then counts 16 bytes per parameter instead of 12).
     activations: with gradient_checkpointing, one saved hidden state per block
     (L * batch * seq * h); without, what a block saves for backward with fused attention
-    (about 10h + 3m values per token per block). Both at activation_bits.
+    (about 10h + 3m values per token per block). Both at activation_bits. The checkpointed
+    count leaves out the recompute peak, the one block whose activations backward rebuilds
+    for a moment (the unchecked count / L): like the other short-lived buffers of a step
+    (a dequantized weight, the input gradients) it is no part here; lesson 09 adds it by hand
+    where a margin is thin.
     gpus: N > 1 gives the bytes of one of N GPUs under FSDP (lesson 13), batch_size per GPU.
     FSDP shards every parameter, 4-bit bytes and per-block absmaxes included, with its
     gradient and optimizer state: 1/N of each on each GPU. Replicated: each 4-bit layer's code

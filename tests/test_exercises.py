@@ -513,6 +513,75 @@ def test_lesson08_implement(capsys):
     expect_hint(capsys, l08.exercise_6, "list of evicted page ids", lambda r, a, c: 3)
 
 
+# ---------------------------------------------------------------- lesson 09
+from minqlora.exercises import lesson09 as l09  # noqa: E402
+
+
+def budget09(config, method, r, tokens, checkpointing):
+    """The reference solution's shape: section 9's budget for any LLaMA config."""
+    h, m, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "vocab_size"))
+    shapes = [(h, h)] * 4 + [(h, m)] * 2 + [(m, h)]
+    n_rest = 2 * V * h + (2 * L + 1) * h
+    n_all = L * sum(i * o for i, o in shapes) + n_rest
+    n_adapter = 0 if method == "full16" else L * sum(r * (i + o) for i, o in shapes)
+    trainable = n_all if method == "full16" else n_adapter
+    weights, constants = 2 * n_all, 0
+    if method == "qlora":
+        blocks = [-(-i * o // 64) for i, o in shapes]
+        weights = L * sum((i * o + 1) // 2 for i, o in shapes) + 2 * n_rest
+        constants = L * sum(b + 4 * -(-b // 256) + 4 + 64 for b in blocks)
+    return dict(weights=weights, quant_constants=constants, adapters=2 * n_adapter,
+                gradients=2 * trainable, optimizer=8 * trainable,
+                activations=2 * L * tokens * (h if checkpointing else 10 * h + 3 * m))
+
+
+def test_lesson09(capsys):
+    from minqlora.toy import ToyLM
+    expect_right(capsys, l09.exercise_1, 17_408)
+    expect_hint(capsys, l09.exercise_1, "that is one block", 8_704)
+    expect_hint(capsys, l09.exercise_1, "r * (in + out)", 17_000)
+    torch.manual_seed(9)
+    base = ToyLM()
+    heldout = l09.make_data("add", seed=0)["heldout"]
+    losses = {qt: l09.evaluate(l09.prepare_qlora(l09.copy.deepcopy(base), r=8, dropout=0.0,
+                                                  quant_type=qt, compute_dtype=torch.float32),
+                               heldout)[0] for qt in l09.TYPES}
+    errors = {qt: l09.weight_error(base, l09.convert(base, m)) for qt, m in l09.TYPES.items()}
+    agree = min(losses, key=losses.get) == min(errors, key=errors.get)
+    expect_right(capsys, l09.exercise_2, dict(losses, agree=agree), base)
+    expect_hint(capsys, l09.exercise_2, "agree: is the type", dict(losses, agree=not agree), base)
+    expect_hint(capsys, l09.exercise_2, "losses of fp4", dict(losses, fp4=losses["fp4"] + 1,
+                                                              agree=agree), base)
+    expect_hint(capsys, l09.exercise_2, "as the second argument", dict(losses, agree=agree), None)
+    expect_right(capsys, l09.exercise_3, dict(checkpointed="llama-33b", long="llama-7b"))
+    expect_hint(capsys, l09.exercise_3, "long: the QLoRA total",
+                dict(checkpointed="llama-33b", long="llama-13b"))
+    saved = (l09.estimate("llama-65b", "qlora", double_quant=False).quant_constants
+             - l09.estimate("llama-65b", "qlora").quant_constants)
+    expect_right(capsys, l09.exercise_4, saved / 1e9)
+    expect_hint(capsys, l09.exercise_4, "that is bytes", saved)
+    expect_hint(capsys, l09.exercise_4, "with and without", saved / 2e9)
+    expect_right(capsys, l09.exercise_5, dict(winner="int4", why="a"))
+    expect_hint(capsys, l09.exercise_5, "winner:", dict(winner="nf4", why="a"))
+    expect_hint(capsys, l09.exercise_5, "why: plot", dict(winner="int4", why="b"))
+    expect_hint(capsys, l09.exercise_5, "should be 'nf4'", dict(winner="NF4", why="a"))
+
+
+def test_lesson09_implement(capsys):
+    """The reference solution passes; each typical mistake gets its own hint (on the first case
+    that shows it), and a function returning something else is told what to return."""
+    expect_right(capsys, l09.exercise_6, budget09)
+    for mistake, hint in l09.MISTAKES.items():
+        expect_hint(capsys, l09.exercise_6, hint, lambda *a, mistake=mistake: l09._budget(
+            *a, mistake=mistake))
+    expect_hint(capsys, l09.exercise_6, "exactly the keys",
+                lambda *a: {k: v for k, v in budget09(*a).items() if k != "activations"})
+    expect_hint(capsys, l09.exercise_6, "differ from the estimate",
+                lambda *a: dict(budget09(*a), optimizer=0))
+    expect_hint(capsys, l09.exercise_6, "raised ZeroDivisionError", lambda *a: 1 / 0)
+
+
 # ---------------------------------------------------------------- lesson 10
 from minqlora.exercises import lesson10 as l10  # noqa: E402
 

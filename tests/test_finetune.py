@@ -1,8 +1,9 @@
 """The five-way fine-tuning experiment: conversion, bytes, determinism, and what the runs show.
 
-The training-dependent bounds below were measured on the grid of base seeds 0..4 (base and
-fine-tuning seed alike) x PyTorch's CPU kernel paths default and avx2 (this machine has no
-avx512); each test's docstring gives the measured range and the margin.
+The training-dependent bounds below were measured with tools/training_grid.py on the grid of
+base seeds 0..4 (base and fine-tuning seed alike) x PyTorch's CPU kernel paths; each test's
+docstring gives the measured range and the margin. The suite runs seed 0 on the path the CPU
+picks, and .ci/run again on another path.
 """
 import pytest
 import torch
@@ -15,7 +16,7 @@ from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear
 from minqlora.training import evaluate
 
-STEPS = 200          # finetune's default, lesson 09's setting (batches of 256, lr 1e-2, alpha 32)
+STEPS = 600          # finetune's default, lesson 09's setting (batches of 64, lr 3e-3, r 16)
 
 
 def test_bad_input_says_what_was_expected():
@@ -63,8 +64,8 @@ def test_every_method_learns_the_new_task_and_leaves_the_base_alone(toy_base, ba
                                                                        results):
     """Each run starts from its converted, untrained model (LoRA's B = 0), which is the base up
     to the rounding of its stored weights: held-out loss within 0.04 % of the base's for bf16,
-    1.9 % for the 4-bit types (bounds 0.2 % and 10 %). After 200 steps the held-out loss is
-    14x to 1700x below the start over the grid (bound: 10x)."""
+    1.9 % for the 4-bit types (bounds 0.2 % and 10 %). After 600 steps the held-out loss is at
+    least 180x below the start for every method on every base of the grid (bound: 10x)."""
     sub = toy.make_data("sub")["heldout"]
     base_loss = evaluate(toy_base, sub)[0]
     for m, r in results.items():
@@ -75,33 +76,38 @@ def test_every_method_learns_the_new_task_and_leaves_the_base_alone(toy_base, ba
     assert all(torch.equal(base_before[k], v) for k, v in toy_base.state_dict().items())
 
 
-def test_full_finetuning_answers_90_percent(results):
+def test_every_method_answers_90_percent_and_qlora_matches_lora(results):
     """Issue 20: held-out exact match of the 3-digit answer (the base: < 0.05) after finetune's
-    defaults, measured with tools/training_grid.py on the bases of seeds 0-4 x PyTorch's CPU
-    kernel paths (this suite runs seed 0 on the path the CPU picks; .ci/run again on another):
+    defaults, on the bases of seeds 0-4 x PyTorch's CPU kernel paths (AMD EPYC with AVX-512, 2
+    cores; tools/training_grid.py):
 
                      full   lora16   qlora    fp4    int4
-        default 0    0.998  0.978    0.989    0.999  0.981
-        default 1    0.997  0.998    0.996    0.999  0.997
-        default 2    1.000  1.000    1.000    1.000  0.989
-        default 3    0.980  0.943    1.000    0.991  0.988
-        default 4    0.986  0.753    0.783    0.643  0.894
-        avx2 0       0.940  0.159    0.854    0.167  0.342
-        avx2 1       0.995  1.000    1.000    0.998  1.000
-        avx2 2       0.999  0.999    0.999    1.000  1.000
-        avx2 3       0.967  0.887    0.916    0.899  0.818
-        avx2 4       0.962  0.940    0.847    0.942  0.871
-        avx512 0     0.940  0.959    0.961    0.941  0.960
-        avx512 1     1.000  0.995    1.000    0.999  0.999
-        avx512 2     1.000  1.000    1.000    1.000  1.000
-        avx512 3     0.994  0.910    0.985    0.981  0.970
+        default  0  0.993  1.000  0.999  1.000  0.998
+        default  1  0.996  0.999  1.000  0.999  0.998
+        default  2  1.000  1.000  1.000  1.000  1.000
+        default  3  0.998  1.000  0.995  0.988  1.000
+        default  4  0.991  0.996  0.999  0.994  0.998
+        avx2     0  0.999  0.976  0.997  0.997  0.999
+        avx2     1  0.999  0.999  0.998  0.996  1.000
+        avx2     2  1.000  1.000  1.000  1.000  1.000
+        avx2     3  0.950  0.992  0.993  0.972  0.990
+        avx2     4  0.993  0.995  0.988  0.998  0.990
+        avx512   0  0.991  0.978  0.986  0.992  0.986   (lesson 09's run)
+        avx512   1  0.997  1.000  1.000  0.999  1.000
+        avx512   2  1.000  1.000  1.000  1.000  1.000
+        avx512   3  0.982  0.998  0.996  0.995  0.996
+        avx512   4  0.993  0.989  0.986  1.000  0.985
 
-    Full fine-tuning >= 0.94 everywhere (asserted: 0.90). The LoRA variants reach >= 0.90 on
-    10 of the 14 bases, but a LoRA run can stall on a plateau (training loss near 0.8 from step
-    40 on: avx2 seed 0's lora16), so no accuracy of theirs is asserted (issue 20 is open on
-    it); their held-out loss still falls more than tenfold (the test above)."""
+    Bounds: every method >= 0.90 (lowest measured 0.950), and |qlora - lora16| <= 0.05
+    (largest measured 0.021).
+
+    The former defaults (200 steps of 256, lr 1e-2, r 8) stalled some LoRA runs on a plateau
+    (avx2, seed 0: lora16 0.159, its training loss 0.82 at the end, near ln(10) / 3 = 0.77,
+    the ones digit right on 18 % of problems); finetune's docstring and lesson 09 say what was
+    tried."""
     acc = {m: r.accuracy for m, r in results.items()}
-    assert acc["full"] >= 0.90, acc
+    assert all(a >= 0.90 for a in acc.values()), acc
+    assert abs(acc["qlora"] - acc["lora16"]) <= 0.05, acc
 
 
 def test_nf4_reconstructs_the_base_best(results):
@@ -125,7 +131,7 @@ def test_bytes_follow_the_memory_calculator(results):
     n_all = memory.count_params(toy.CONFIG)
     full, lora, q = results["full"].bytes, results["lora16"].bytes, results["qlora"].bytes
     assert full == {"weights": 4 * n_all, "adapters": 0, "optimizer": 8 * n_all}
-    e = memory.estimate(toy.CONFIG, "qlora", r=8, weight_bits=32, adapter_bits=32)
+    e = memory.estimate(toy.CONFIG, "qlora", r=16, weight_bits=32, adapter_bits=32)
     assert q["weights"] == e.weights + e.quant_constants
     assert q["adapters"] == lora["adapters"] == e.adapters and q["optimizer"] == e.optimizer
-    assert results["qlora"].trainable == 17_408 and results["full"].trainable == n_all
+    assert results["qlora"].trainable == 34_816 and results["full"].trainable == n_all

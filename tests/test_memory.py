@@ -112,6 +112,9 @@ def test_lora16_matches_the_bytes_of_the_toy_model():
 
 
 def test_activations_scale_with_tokens():
+    """Checkpointed: L x tokens x h saved block inputs, and nothing for the recompute peak (one
+    block's activations rebuilt during backward, transient: memory.py's docstring and lesson 09
+    say why it is left out). That peak is the unchecked count divided by L."""
     a = memory.estimate("llama-7b", "qlora", batch_size=2, seq_len=256).activations
     assert a == 32 * 2 * 256 * 4096 * 2
     b = memory.estimate("llama-7b", "qlora", gradient_checkpointing=False).activations
