@@ -42,8 +42,9 @@ PLAIN = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": Fa
          "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
          "modules_to_save": None, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "use_qalora": False}   # PEFT's defaults, all ours
-TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForSequenceClassification":
-         "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+                   "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+                   "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 def lora_layers(model: nn.Module) -> dict:
@@ -80,10 +81,11 @@ def peft_fields(model: nn.Module, task_type=None, base_model_name_or_path=None) 
     {'task_type': 'CAUSAL_LM', 'base_model_name_or_path': 'out/base'}
     """
     name = type(model).__name__
-    task_type = task_type or next((t for end, t in TASKS.items() if name.endswith(end)), None)
-    if task_type not in (None, "FEATURE_EXTRACTION", *TASKS.values()):
+    task_type = task_type or next((t for end, t in PEFT_TASK_TYPES.items()
+                                   if name.endswith(end)), None)
+    if task_type not in (None, "FEATURE_EXTRACTION", *PEFT_TASK_TYPES.values()):
         raise ValueError(f"save_adapter: task_type {task_type!r} is none of PEFT's "
-                         f"{sorted(TASKS.values()) + ['FEATURE_EXTRACTION']}")
+                         f"{sorted(PEFT_TASK_TYPES.values()) + ['FEATURE_EXTRACTION']}")
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", "")
     if not isinstance(base, (str, os.PathLike)):
         raise ValueError(f"save_adapter: base_model_name_or_path must be a path or a Hub id, "

@@ -43,7 +43,7 @@ import sys
 import torch
 
 from ._checks import check_dtype
-from .cuda import INSTALL, cupy_or_none, launch_cuda
+from .cuda import CUPY_INSTALL, cupy_or_none, launch_cuda
 from .build import find_compiler
 from .cpu_decode import decode_cpp
 from .emulate import launch_emulation
@@ -156,7 +156,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None, backend
         missing = ("torch sees no CUDA GPU on this machine" if not torch.cuda.is_available() else
                    "packed is on the CPU; move it and the state to the GPU "
                    "(packed.cuda(), state.to('cuda'))")
-        cupy = "" if cupy_or_none() is not None else f"; it also needs CuPy: {INSTALL}"
+        cupy = "" if cupy_or_none() is not None else f"; it also needs CuPy: {CUPY_INSTALL}"
         raise ValueError(f"dequantize_4bit(backend='cuda'): {missing}{cupy}. "
                          "backend='emulate' runs the same kernel on the CPU")
     if backend in ("emulate", "cpp") and packed.device.type != "cpu":

