@@ -57,14 +57,6 @@ def test_nbval_markers_stand_alone(path):
 PACKAGE = Path(__file__).parent.parent / "minqlora"
 NOT_BUILT = {"exercises", "bench"}   # the lessons' checks and the speed runs: no lesson builds them
 
-# Lessons that still define a library name without its text or its source beside it, each left
-# to the helper who owns that lesson (issue 23). The lead shrinks this list as they merge; a name
-# that no longer needs to be here fails test_pending_is_still_pending until it is taken out.
-PENDING = {
-    "08_paged_adam.ipynb": {"train"},       # the toy training loop vs minqlora/training.py
-}
-
-
 def library_definitions() -> dict:
     """{name: ast node} of every public function and class at the top of a library module."""
     found = {}
@@ -132,16 +124,10 @@ def test_a_library_name_in_a_lesson_is_the_librarys_code_or_shown_beside_it(path
     """Issue 23: every function (or class) a lesson defines under a library name is that
     function's code (lesson 02's quantize_blockwise), or the lesson shows the library's with
     inspect.getsource after its own (lesson 01's absmax_quantize)."""
-    missing = library_names_not_built(path) - PENDING.get(path.name, set())
+    missing = library_names_not_built(path)
     assert not missing, (f"{path.name} defines {sorted(missing)} as the library does: write the "
                          "library's code, or print inspect.getsource(mq.<name>) after yours and "
                          "say in one sentence what it adds")
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_is_still_pending(name):
-    fixed = PENDING[name] - library_names_not_built(PACKAGE.parent / "lessons" / name)
-    assert not fixed, f"{name}: {sorted(fixed)} now pass; take them out of PENDING"
 
 
 def test_the_scan_sees_a_copy_a_drift_and_a_shown_source():
